@@ -1,0 +1,288 @@
+"""Framework-free dynamic batcher: one bounded queue and one loop task per model.
+
+The loop waits for the first item, then takes everything queued up to `max_batch_size` at once,
+so a lone request never waits for a timer; `max_batch_delay_s > 0` opts into waiting (counted from
+the first item's arrival) for a fuller batch. Each item has its own future, so a failure, a deadline
+or a client that went away affects that item or that batch only. Imports neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from service.errors import BatcherStopped, DeadlineExceeded, NotReady, QueueFull
+
+__all__ = ["BatchObserver", "Batcher"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchObserver(Protocol):
+    """Receives the batcher's metrics; implementations must be cheap and must not block."""
+
+    def on_batch(self, name: str, size: int, queue_waits: list[float], run_seconds: float) -> None:
+        """One batch ran: its size, each item's seconds in the queue, the handler's seconds."""
+
+    def on_queue_depth(self, name: str, depth: int) -> None:
+        """The number of queued (not yet running) items changed."""
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    """A queued request: its payload, the future its caller awaits and its timing."""
+
+    value: Any
+    future: asyncio.Future[Any]
+    enqueued: float
+    deadline: float | None = None
+
+
+class Batcher(Generic[T, R]):
+    """Groups concurrent `submit` calls into batches for `handler`, one batch at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        handler: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_batch_size: int = 32,
+        max_batch_delay_s: float = 0.0,
+        max_queue_size: int = 256,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_delay_s < 0:
+            raise ValueError(f"max_batch_delay_s must be >= 0, got {max_batch_delay_s}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_size = max_queue_size
+        self._handler = handler
+        self._observer = observer
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._run_ema_s = 0.0
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting in the queue (the running batch not included)."""
+        return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop task exists and has not finished (readiness uses this)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def running(self) -> bool:
+        """Whether the batcher accepts new items: started, alive and not stopping."""
+        return self._accepting and self.alive
+
+    def start(self) -> None:
+        """Spawn the loop task on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError(f"batcher {self.name!r} was already started")
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"batcher-{self.name}"
+        )
+
+    async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop intake; finish queued work (`drain`) or fail it with BatcherStopped.
+
+        After `timeout` seconds the loop is cancelled and whatever is left (the running batch
+        included) fails with BatcherStopped.
+        """
+        self._accepting = False
+        if not drain:
+            self._fail_queued(BatcherStopped(f"model {self.name!r} is shutting down"))
+        self._wakeup.set()
+        task = self._task
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            logger.warning("batcher %s: drain timed out after %ss, cancelling", self.name, timeout)
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def submit(self, item: T, timeout: float | None = None) -> R:
+        """Queue one item and wait for its result.
+
+        Raises QueueFull at once when the queue is at capacity, DeadlineExceeded when `timeout`
+        seconds pass first, BatcherStopped once stopping, or whatever the handler raised for it.
+        """
+        if not self.running:
+            if self._task is None:
+                raise NotReady(f"model {self.name!r} is not started yet")
+            raise BatcherStopped(f"model {self.name!r} is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            self._prune_done()
+            if len(self._queue) >= self.max_queue_size:
+                raise QueueFull(
+                    f"queue of model {self.name!r} is full ({self.max_queue_size} waiting)",
+                    retry_after=self._retry_after(),
+                )
+        now = time.monotonic()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        deadline = None if timeout is None else now + timeout
+        self._queue.append(_Item(item, future, now, deadline))
+        self._wakeup.set()
+        self._notify_depth()
+        if timeout is None:
+            return await future
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {self.name!r} did not answer within {timeout:g}s"
+            ) from None
+
+    async def _loop(self) -> None:
+        """Serve batches until stopped; exceptions fail one batch, never the loop."""
+        while True:
+            await self._wait_for_items()
+            if not self._queue:
+                return
+            batch: list[_Item] = []
+            try:
+                batch = await self._collect()
+                if batch:
+                    await self._run(batch)
+            except asyncio.CancelledError:
+                if self._task is not None and self._task.cancelling():
+                    stopped = BatcherStopped(f"model {self.name!r} is shutting down")
+                    self._fail(batch, stopped)
+                    self._fail_queued(stopped)
+                    raise
+                logger.error("batcher %s: handler was cancelled", self.name)
+                self._fail(batch, RuntimeError(f"handler of model {self.name!r} was cancelled"))
+            except Exception as exc:
+                logger.exception("batcher %s: batch of %d failed", self.name, len(batch))
+                self._fail(batch, exc)
+
+    async def _wait_for_items(self) -> None:
+        """Block until something is queued or stop() was called."""
+        while not self._queue and self._accepting:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _collect(self) -> list[_Item]:
+        """Take what is queued up to the maximum, waiting for more only if a delay is set."""
+        batch: list[_Item] = []
+        self._take(batch)
+        if self.max_batch_delay_s > 0 and batch:
+            fill_until = batch[0].enqueued + self.max_batch_delay_s
+            while len(batch) < self.max_batch_size and self._accepting:
+                remaining = fill_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    break
+                self._take(batch)
+            self._drop_dead(batch)
+        self._notify_depth()
+        return batch
+
+    def _take(self, batch: list[_Item]) -> None:
+        """Move live items from the queue into `batch` up to max_batch_size."""
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if self._is_live(item, now):
+                batch.append(item)
+
+    def _drop_dead(self, batch: list[_Item]) -> None:
+        """Drop items that were cancelled or expired while the batch was filling."""
+        now = time.monotonic()
+        batch[:] = [item for item in batch if self._is_live(item, now)]
+
+    def _is_live(self, item: _Item, now: float) -> bool:
+        """False (and the item failed) when its caller gave up or its deadline passed."""
+        if item.future.done():
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            item.future.set_exception(
+                DeadlineExceeded(f"model {self.name!r}: deadline passed in the queue")
+            )
+            return False
+        return True
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """Call the handler once and hand each result (or exception) to its future."""
+        start = time.monotonic()
+        waits = [start - item.enqueued for item in batch]
+        results = await self._handler([item.value for item in batch])
+        run_s = time.monotonic() - start
+        self._run_ema_s = run_s if self._run_ema_s == 0 else 0.8 * self._run_ema_s + 0.2 * run_s
+        if not isinstance(results, Sequence) or len(results) != len(batch):
+            got = len(results) if isinstance(results, Sequence) else type(results).__name__
+            raise RuntimeError(
+                f"handler of model {self.name!r} returned {got} results for {len(batch)} inputs"
+            )
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+        self._observe(lambda o: o.on_batch(self.name, len(batch), waits, run_s))
+
+    def _fail(self, batch: list[_Item], exc: BaseException) -> None:
+        """Set `exc` on every unfinished future of `batch` so that no caller hangs."""
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Empty the queue, failing every waiting item with `exc`."""
+        items = list(self._queue)
+        self._queue.clear()
+        self._fail(items, exc)
+        self._notify_depth()
+
+    def _prune_done(self) -> None:
+        """Forget queued items whose callers already gave up (frees room in a full queue)."""
+        live = [item for item in self._queue if not item.future.done()]
+        if len(live) != len(self._queue):
+            self._queue = deque(live)
+            self._notify_depth()
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the current queue is likely served (at least 1)."""
+        batches = math.ceil(len(self._queue) / self.max_batch_size)
+        return max(1, math.ceil(batches * self._run_ema_s))
+
+    def _notify_depth(self) -> None:
+        depth = len(self._queue)
+        self._observe(lambda o: o.on_queue_depth(self.name, depth))
+
+    def _observe(self, call: Callable[[BatchObserver], None]) -> None:
+        """Report to the observer; its errors are logged, never raised into the loop."""
+        if self._observer is None:
+            return
+        try:
+            call(self._observer)
+        except Exception:
+            logger.exception("batcher %s: observer failed", self.name)

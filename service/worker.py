@@ -1,0 +1,273 @@
+"""The device worker: one thread owns the accelerator and runs every forward pass.
+
+`DeviceWorker` keeps torch off the event loop; `ModelRunner` does "batch in, results out" for one
+hosted model: one host-to-device copy, optional autocast, attention capture and summary map on the
+device, one device-to-host copy, and a halving retry when CUDA runs out of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from models import AttentionRecord, capture_attention, summary_map
+from service.errors import NotReady
+
+__all__ = ["BatchOutput", "DeviceWorker", "ModelRunner", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+_AUTOCAST_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn a settings value ("auto", "cpu", "cuda", "cuda:N") into a usable torch.device."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        try:
+            device = torch.device(spec)
+        except RuntimeError as exc:
+            raise ValueError(f"invalid device {spec!r}: {exc}") from None
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {spec!r} asked for, but CUDA is not available to this torch build "
+                f"({torch.__version__}). Hint: set ATTNSERVE_DEVICE=cpu or auto, or install a "
+                "CUDA build of torch and check the driver with nvidia-smi."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                f"visible. Hint: use cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
+        return device
+    raise ValueError(f"unknown device {spec!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+class DeviceWorker:
+    """One dedicated thread that runs all device work, so the event loop never blocks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._closed = False
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"device-{device}", initializer=self._init_thread
+        )
+
+    def _init_thread(self) -> None:
+        """Make the worker thread's current CUDA device the configured one."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+
+    async def run(self, fn: Callable[..., V], *args: Any, **kwargs: Any) -> V:
+        """Run `fn(*args, **kwargs)` on the device thread and await its result."""
+        if self._closed:
+            raise NotReady(f"device worker for {self.device} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def check(self) -> bool:
+        """Touch the device with a tiny op on the device thread; False when it fails."""
+        try:
+            return await self.run(self._probe)
+        except Exception:
+            logger.exception("device check failed on %s", self.device)
+            return False
+
+    def _probe(self) -> bool:
+        value = torch.ones(1, device=self.device) + 1
+        return float(value.item()) == 2.0
+
+    def memory_bytes(self) -> dict[str, int]:
+        """CUDA memory allocated and reserved by torch on this device; {} on CPU."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "allocated": int(torch.cuda.memory_allocated(self.device)),
+            "reserved": int(torch.cuda.memory_reserved(self.device)),
+        }
+
+    def close(self) -> None:
+        """Refuse new work, cancel what has not started and wait for the running call."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class BatchOutput:
+    """Results of one forward pass, all on the CPU.
+
+    probs: (N, K) float32 softmax; records: captured attention (float32 tensors, batch first);
+    summary: (N, H, W) map on the input grid, or None (no capture, or no spatial view).
+    """
+
+    probs: torch.Tensor
+    records: list[AttentionRecord]
+    summary: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+
+class ModelRunner:
+    """One hosted model on the device: batch in, probabilities and attention out."""
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        autocast: str = "none",
+        channels_last: bool = False,
+    ) -> None:
+        if autocast not in _AUTOCAST_DTYPES:
+            raise ValueError(
+                f"autocast must be one of {sorted(_AUTOCAST_DTYPES)}, got {autocast!r}"
+            )
+        if autocast == "fp16" and device.type != "cuda":
+            raise ValueError(
+                f"autocast 'fp16' needs a CUDA device, got {device}. "
+                "Hint: use autocast 'bf16' or 'none' on the CPU."
+            )
+        self.name = name
+        self.device = device
+        self.autocast = autocast
+        self.channels_last = channels_last
+        self._dtype = _AUTOCAST_DTYPES[autocast]
+        model = model.to(device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model
+        data_config = getattr(model, "data_config", None)
+        self.input_size: tuple[int, ...] | None = (
+            None if data_config is None else tuple(data_config.input_size)
+        )
+
+    def forward(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
+        """Classify a CPU batch (N, C, H, W); with `capture`, also return attention and summary."""
+        if batch.ndim != 4:
+            raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(batch.shape)}")
+        with torch.inference_mode():
+            return self._forward_split(batch, capture)
+
+    def warmup(self, batch_sizes: Iterable[int]) -> None:
+        """Run a capture forward at every size so kernels and allocator are ready before traffic."""
+        if self.input_size is None:
+            raise ValueError(f"model {self.name!r} has no data_config to warm up with")
+        c, h, w = self.input_size
+        generator = torch.Generator().manual_seed(0)
+        for size in batch_sizes:
+            self.forward(torch.rand((size, c, h, w), generator=generator), capture=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _forward_split(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
+        """Forward the batch; on CUDA out-of-memory, free the cache and run each half in turn."""
+        try:
+            return self._forward_once(batch, capture)
+        except torch.cuda.OutOfMemoryError:
+            if batch.shape[0] <= 1:
+                raise
+        # Retrying outside the except block lets the traceback, and the tensors it holds, go.
+        self._free_memory()
+        half = (batch.shape[0] + 1) // 2
+        logger.warning(
+            "model %s: out of memory at batch %d, splitting into %d + %d",
+            self.name,
+            batch.shape[0],
+            half,
+            batch.shape[0] - half,
+        )
+        parts = [
+            self._forward_split(batch[:half], capture),
+            self._forward_split(batch[half:], capture),
+        ]
+        return _concat(parts)
+
+    def _forward_once(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
+        x = self._to_device(batch)
+        records: list[AttentionRecord] = []
+        summary = None
+        if capture:
+            with capture_attention(self.model, derived=True) as cap, self._autocast():
+                logits = self.model(x)
+            records = list(cap.records)
+            summary = summary_map(records, size=(int(x.shape[-2]), int(x.shape[-1])))
+        else:
+            with self._autocast():
+                logits = self.model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        return _to_cpu(BatchOutput(probs, records, summary))
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """One host-to-device copy: pinned memory and non_blocking on CUDA."""
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            if not batch.is_pinned():
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._dtype)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _tensors(out: BatchOutput) -> Iterator[torch.Tensor]:
+    yield out.probs
+    for record in out.records:
+        yield record.tensor
+    if out.summary is not None:
+        yield out.summary
+
+
+def host_copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy tensors to the CPU as float32 in one transfer: flatten, concatenate, copy, split."""
+    flat = torch.cat([t.float().reshape(-1) for t in tensors]).cpu()
+    chunks = flat.split([t.numel() for t in tensors])
+    return [chunk.view(t.shape) for chunk, t in zip(chunks, tensors, strict=True)]
+
+
+def _to_cpu(out: BatchOutput) -> BatchOutput:
+    """Move every tensor of `out` to the CPU as float32, in one copy when it is on a device."""
+    tensors = [t.float() for t in _tensors(out)]
+    moved = tensors if tensors[0].device.type == "cpu" else host_copy(tensors)
+    probs, *rest = moved
+    summary = rest.pop() if out.summary is not None else None
+    records = [dataclasses.replace(r, tensor=t) for r, t in zip(out.records, rest, strict=True)]
+    return BatchOutput(probs, records, summary)
+
+
+def _concat(parts: list[BatchOutput]) -> BatchOutput:
+    """Join the outputs of consecutive sub-batches (same model, so same records in order)."""
+    first = parts[0]
+    records = [
+        dataclasses.replace(rec, tensor=torch.cat([p.records[i].tensor for p in parts]))
+        for i, rec in enumerate(first.records)
+    ]
+    summaries = [p.summary for p in parts if p.summary is not None]
+    summary = torch.cat(summaries) if first.summary is not None else None
+    return BatchOutput(torch.cat([p.probs for p in parts]), records, summary)

@@ -1,0 +1,294 @@
+"""Dynamic batcher behaviour with plain asyncio: batch composition, limits, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from service.batching import Batcher
+from service.errors import BatcherStopped, DeadlineExceeded, NotReady, QueueFull
+
+
+class Handler:
+    """Records every batch; `gate` holds a batch inside the handler until the test releases it."""
+
+    def __init__(self, fn: Callable[[Any], Any] = lambda x: x * 10) -> None:
+        self.fn = fn
+        self.batches: list[list[Any]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        self.entered.set()
+        await self.gate.wait()
+        return [self.fn(x) for x in items]
+
+    async def hold_first(self, batcher: Batcher[Any, Any], item: Any) -> asyncio.Task[Any]:
+        """Submit `item` and wait until its batch sits in the handler (which is then blocked)."""
+        self.gate.clear()
+        task = asyncio.create_task(batcher.submit(item))
+        await asyncio.wait_for(self.entered.wait(), 1.0)
+        return task
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, list[float], float]] = []
+        self.depths: list[int] = []
+
+    def on_batch(self, name: str, size: int, queue_waits: list[float], run_seconds: float) -> None:
+        self.batches.append((name, size, queue_waits, run_seconds))
+
+    def on_queue_depth(self, name: str, depth: int) -> None:
+        self.depths.append(depth)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 1.0) -> None:
+    """Yield to the loop until `condition` holds (fails the test after `timeout`)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Batcher[Any, Any]]]:
+    """Build and start batchers; stop every one of them after the test."""
+    made: list[Batcher[Any, Any]] = []
+
+    def factory(handler: Any, **kwargs: Any) -> Batcher[Any, Any]:
+        batcher: Batcher[Any, Any] = Batcher("m", handler, **kwargs)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield factory
+    for batcher in made:
+        await batcher.stop(drain=False, timeout=1.0)
+
+
+async def test_fills_to_max_batch_size_when_many_are_queued(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=4)
+    first = await handler.hold_first(batcher, 0)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 10)]
+    await until(lambda: batcher.queue_depth == 9)
+    handler.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*rest) == [i * 10 for i in range(1, 10)]
+    assert handler.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+
+
+async def test_lone_request_goes_straight_through_without_delay(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=32, max_batch_delay_s=0.0)
+    assert await batcher.submit(7) == 70
+    assert handler.batches == [[7]]
+
+
+async def test_full_batch_does_not_wait_for_the_delay(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=2, max_batch_delay_s=5.0)
+    start = time.monotonic()
+    assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [10, 20]
+    assert time.monotonic() - start < 0.5
+    assert handler.batches == [[1, 2]]
+
+
+async def test_max_batch_delay_gathers_late_arrivals(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=8, max_batch_delay_s=0.3)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.02)
+    late = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+    assert await first == 10
+    assert await asyncio.gather(*late) == [20, 30]
+    assert handler.batches == [[1, 2, 3]]
+
+
+async def test_queue_full_raises_at_once(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=1, max_queue_size=2)
+    running = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await until(lambda: batcher.queue_depth == 2)
+    start = time.monotonic()
+    with pytest.raises(QueueFull) as info:
+        await batcher.submit(3)
+    assert time.monotonic() - start < 0.5
+    assert info.value.retry_after >= 1
+    assert info.value.headers["Retry-After"] == str(info.value.retry_after)
+    handler.gate.set()
+    assert [await running, *await asyncio.gather(*queued)] == [0, 10, 20]
+    assert [3] not in handler.batches
+
+
+async def test_deadline_in_queue_raises_and_item_never_runs(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(1, timeout=0.05)
+    handler.gate.set()
+    assert await running == 0
+    assert await batcher.submit(2, timeout=1.0) == 20
+    assert handler.batches == [[0], [2]]
+
+
+async def test_deadline_while_running_leaves_loop_healthy(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    handler.gate.clear()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(1, timeout=0.05)
+    handler.gate.set()
+    assert await batcher.submit(2) == 20
+    assert batcher.alive
+
+
+async def test_cancelled_item_is_dropped_before_handler(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    gone = asyncio.create_task(batcher.submit(1))
+    kept = asyncio.create_task(batcher.submit(2))
+    await until(lambda: batcher.queue_depth == 2)
+    gone.cancel()
+    handler.gate.set()
+    assert await running == 0
+    assert await kept == 20
+    assert gone.cancelled()
+    assert handler.batches == [[0], [2]]
+
+
+async def test_handler_error_fails_whole_batch_then_recovers(make) -> None:
+    def fn(x: int) -> int:
+        if x == 2:
+            raise ValueError("bad item 2")
+        return x
+
+    handler = Handler(fn)
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    batch = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    handler.gate.set()
+    assert await running == 0
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert all(isinstance(r, ValueError) and "bad item 2" in str(r) for r in results)
+    assert await batcher.submit(5) == 5
+    assert batcher.alive
+
+
+async def test_output_count_mismatch_fails_every_item(make) -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    batcher = make(short)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert "results for" in str(results[0])
+    assert batcher.alive
+
+
+async def test_exception_result_fails_only_that_item(make) -> None:
+    handler = Handler(lambda x: ValueError(f"no {x}") if x < 0 else x)
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    batch = [asyncio.create_task(batcher.submit(i)) for i in (1, -2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    handler.gate.set()
+    await running
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ValueError) and str(results[1]) == "no -2"
+    assert handler.batches[1] == [1, -2, 3]
+
+
+async def test_stop_with_drain_completes_queued_work(make) -> None:
+    handler = Handler()
+    batcher = make(handler, max_batch_size=2)
+    running = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    stopping = asyncio.create_task(batcher.stop(drain=True))
+    await until(lambda: not batcher.running)
+    with pytest.raises(BatcherStopped):
+        await batcher.submit(9)
+    handler.gate.set()
+    await stopping
+    assert [await running, *await asyncio.gather(*queued)] == [0, 10, 20, 30]
+    assert not batcher.alive
+
+
+async def test_stop_without_drain_fails_queued_work(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await until(lambda: batcher.queue_depth == 2)
+    stopping = asyncio.create_task(batcher.stop(drain=False))
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(r, BatcherStopped) for r in results)
+    handler.gate.set()
+    await stopping
+    assert await running == 0
+    assert handler.batches == [[0]]
+    assert not batcher.alive and batcher.queue_depth == 0
+
+
+async def test_stop_timeout_fails_the_running_batch(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    await batcher.stop(drain=True, timeout=0.05)
+    with pytest.raises(BatcherStopped):
+        await running
+    assert not batcher.alive
+
+
+async def test_observer_receives_sizes_waits_and_depths(make) -> None:
+    observer = Observer()
+    handler = Handler()
+    batcher = make(handler, max_batch_size=4, observer=observer)
+    running = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    await asyncio.sleep(0.02)
+    handler.gate.set()
+    await running
+    await asyncio.gather(*queued)
+    assert [(name, size) for name, size, _, _ in observer.batches] == [("m", 1), ("m", 3)]
+    waits = observer.batches[1][2]
+    assert len(waits) == 3 and all(w >= 0.015 for w in waits)
+    assert all(run >= 0 for *_, run in observer.batches)
+    assert 3 in observer.depths and observer.depths[-1] == 0
+
+
+async def test_failing_observer_does_not_break_the_loop(make) -> None:
+    class Broken:
+        def on_batch(self, *args: Any) -> None:
+            raise RuntimeError("metrics down")
+
+        def on_queue_depth(self, *args: Any) -> None:
+            raise RuntimeError("metrics down")
+
+    batcher = make(Handler(), observer=Broken())
+    assert await batcher.submit(1) == 10
+    assert await batcher.submit(2) == 20
+
+
+async def test_submit_before_start_and_bad_settings() -> None:
+    batcher: Batcher[int, int] = Batcher("m", Handler())
+    with pytest.raises(NotReady):
+        await batcher.submit(1)
+    assert not batcher.alive and not batcher.running
+    for bad in ({"max_batch_size": 0}, {"max_queue_size": 0}, {"max_batch_delay_s": -1.0}):
+        with pytest.raises(ValueError):
+            Batcher("m", Handler(), **bad)
