@@ -1,0 +1,67 @@
+"""Summary map: one (N, H, W) picture per image from every site's spatial attention.
+
+This is the single implementation used by the service and the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .capture import AttentionRecord
+
+SPATIAL_KINDS = ("spatial", "context")
+
+
+def spatial_views(records: Iterable[AttentionRecord]) -> list[AttentionRecord]:
+    """One spatial-like record ("spatial" or "context") per site, in order of first appearance.
+
+    A genuine map wins over a derived one at the same site; otherwise the first record is kept
+    (a block called twice in one forward contributes its first call).
+    """
+    chosen: dict[str, AttentionRecord] = {}
+    for record in records:
+        if record.kind not in SPATIAL_KINDS:
+            continue
+        current = chosen.get(record.site)
+        if current is None or (current.derived and not record.derived):
+            chosen[record.site] = record
+    return list(chosen.values())
+
+
+def _site_map(record: AttentionRecord, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) float32 map of one site on the ``size`` grid; GC masks scaled so uniform = 1."""
+    tensor = record.tensor.float()
+    if tensor.dim() != 4 or tensor.shape[1] != 1:
+        raise ValueError(f"{record.site}: expected an (N, 1, h, w) map, got {tuple(tensor.shape)}")
+    if record.kind == "context":
+        tensor = tensor * (tensor.shape[2] * tensor.shape[3])
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def summary_map(records: Iterable[AttentionRecord], size: tuple[int, int]) -> torch.Tensor | None:
+    """Average of all sites' spatial views on the input grid, min-max normalised per image.
+
+    Normalisation: each site's view (a GC context mask multiplied by h*w, so a uniform mask is 1;
+    gates and derived views as they are, in [0, 1]) is upsampled bilinearly
+    (``align_corners=False``) to ``size``; the sites are averaged with equal weight; then each
+    image is rescaled to [0, 1] by (m - min) / (max - min), and a constant image becomes all
+    zeros. Returns (N, H, W) float32 on the records' device, or None when no site has a view.
+    """
+    views = spatial_views(records)
+    if not views:
+        return None
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be two positive ints, got {size!r}")
+    with torch.autocast(views[0].tensor.device.type, enabled=False):
+        maps = [_site_map(v, (height, width)) for v in views]
+        if len({m.shape[0] for m in maps}) != 1:
+            raise ValueError("records disagree on the batch size")
+        mean = torch.stack(maps).mean(0)
+        low = mean.amin((1, 2), keepdim=True)
+        span = mean.amax((1, 2), keepdim=True) - low
+        scaled = ((mean - low) / span.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
+        return torch.where(span > 0, scaled, torch.zeros_like(scaled))
