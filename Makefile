@@ -31,11 +31,15 @@ zoo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
-# Re-resolve every pin from pyproject.toml (review the diff: torch must stay 2.13.0).
+# Re-resolve every pin from pyproject.toml (review the diff: torch must stay 2.13.0). The header
+# comment and the hand-kept GPU section at the end of constraints.txt are preserved.
 constraints:
 	$(PYTHON) -m venv /tmp/attnserve-resolve
 	/tmp/attnserve-resolve/bin/pip install --quiet --dry-run --report /tmp/attnserve-report.json 'torch==2.13.0' '.[dev]'
-	/tmp/attnserve-resolve/bin/python -c "import json; r = json.load(open('/tmp/attnserve-report.json')); print('\n'.join(sorted(i['metadata']['name'] + '==' + i['metadata']['version'].split('+')[0] for i in r['install'] if i['metadata']['name'] != 'attnserve')))" > constraints.txt
+	sed -n '1,/^[^#]/{/^#/p}' constraints.txt > /tmp/attnserve-constraints.txt
+	/tmp/attnserve-resolve/bin/python -c "import json; r = json.load(open('/tmp/attnserve-report.json')); print('\\n'.join(sorted(i['metadata']['name'] + '==' + i['metadata']['version'].split('+')[0] for i in r['install'] if i['metadata']['name'] != 'attnserve')))" >> /tmp/attnserve-constraints.txt
+	sed -n '/^# Linux CUDA/,$$p' constraints.txt >> /tmp/attnserve-constraints.txt
+	mv /tmp/attnserve-constraints.txt constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
