@@ -1,0 +1,13 @@
+"""HTTP layer: one router per concern, errors mapped in `handlers`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api import health, v1
+
+__all__ = ["api_router"]
+
+api_router = APIRouter()
+api_router.include_router(v1.router)
+api_router.include_router(health.router)

@@ -1,0 +1,88 @@
+"""JSON encoding and the one place where errors become responses.
+
+Every error leaves the service as `{"error": <code>, "detail": <what to fix>}` with the status of
+its `ServiceError` class; validation errors become 422 with one entry per problem; anything
+unexpected is logged with its traceback and answered with a generic 500 (never a stack trace).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import InvalidOptions, ServiceError
+
+__all__ = ["ORJSONResponse", "error_response", "install_handlers"]
+
+logger = logging.getLogger(__name__)
+
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON response encoded with orjson (fast, compact, numpy-aware)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(
+    status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+) -> ORJSONResponse:
+    """The error body every failure uses."""
+    return ORJSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic errors reduced to JSON-safe {"loc", "msg", "type"} entries (no echoed input)."""
+    return [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in errors
+    ]
+
+
+async def _service_error(request: Request, exc: Exception) -> ORJSONResponse:
+    if not isinstance(exc, ServiceError):
+        return await _unexpected(request, exc)
+    if exc.status_code >= 500:  # overload and deadlines: worth seeing, not worth a traceback
+        logger.info("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
+    return error_response(exc.status_code, exc.error, exc.detail, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
+    detail = validation_detail(errors)
+    return error_response(InvalidOptions.status_code, InvalidOptions.error, detail)
+
+
+async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        return await _unexpected(request, exc)
+    error = _HTTP_ERRORS.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, error, exc.detail, dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error; see the server log")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the handlers on `app`."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,37 @@
+"""Health and metrics: liveness answers at once, readiness reflects the real state."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service.api.handlers import ORJSONResponse
+from service.errors import NotReady
+from service.metrics import CONTENT_TYPE
+from service.state import ServicesDep
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="Liveness", response_class=ORJSONResponse)
+async def live() -> ORJSONResponse:
+    """The process answers HTTP (models may still be loading)."""
+    return ORJSONResponse({"status": "alive"})
+
+
+@router.get("/health/ready", summary="Readiness", response_class=ORJSONResponse)
+async def ready(services: ServicesDep) -> ORJSONResponse:
+    """200 once every model is loaded and warm and the device worker answers; else 503 + reason."""
+    is_ready, reason = await services.readiness()
+    models = services.model_states()
+    if is_ready:
+        return ORJSONResponse({"status": "ready", "models": models})
+    body = {"error": NotReady.error, "detail": reason, "models": models}
+    return ORJSONResponse(body, status_code=NotReady.status_code)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(services: ServicesDep) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    return Response(services.metrics_text(), media_type=CONTENT_TYPE)

@@ -1,0 +1,110 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan.
+
+Building the app only validates the configuration (settings, device, which models to serve);
+the lifespan starts the worker and loads the models in the background so that /health/live
+answers at once, and on shutdown stops intake, drains the batchers and closes the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import api_router
+from service.api.handlers import ORJSONResponse, install_handlers
+from service.api.v1 import MODEL_SCOPE_KEY
+from service.metrics import Metrics
+from service.registry import ConfigError, discover
+from service.settings import Settings
+from service.state import Services
+from service.worker import resolve_device
+
+__all__ = ["ConfigError", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by model, route template and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            model = str(scope.get(MODEL_SCOPE_KEY, ""))
+            self.metrics.observe_request(model, route, status, time.perf_counter() - started)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the services (models load in the background); stop and drain them on exit."""
+    services: Services = app.state.services
+    await services.start()
+    try:
+        yield
+    finally:
+        await services.stop()
+
+
+def _device(settings: Settings) -> torch.device:
+    """The serving device, checked against the autocast setting."""
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if settings.autocast == "fp16" and device.type != "cuda":
+        raise ConfigError(f"autocast 'fp16' needs a CUDA device, but the device is {device}")
+    return device
+
+
+def _version() -> str:
+    try:
+        return version("attnserve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application for `settings` (read from ATTNSERVE_* when None); ConfigError if unusable."""
+    settings = settings if settings is not None else Settings()
+    sources = discover(settings)
+    services = Services(settings, sources, _device(settings))
+    app = FastAPI(
+        title="attnserve",
+        version=_version(),
+        summary="CNN image classifiers with attention blocks: predictions plus attention maps.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.services = services
+    install_handlers(app)
+    app.include_router(api_router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
+    logger.info(
+        "serving %d model(s) on %s: %s", len(sources), services.device, [s.name for s in sources]
+    )
+    return app

@@ -1,0 +1,178 @@
+"""Turn one image's model outputs into response data: top-k predictions and attention maps.
+
+Spatial maps live on the model input grid (after resize and centre crop). `to_original` undoes
+that: it samples each map at the centres of a grid covering the whole original image (longest
+side = map_size), bilinearly, and writes zeros where the original image was cropped away.
+Normalisation is left as the maps define it (see the API reference): gates in [0, 1], GC context
+masks multiplied by h*w (uniform = 1), the summary min-max normalised per image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models import AttentionRecord, spatial_views
+from service.imaging import Geometry
+
+__all__ = ["MapOptions", "build_result", "map_grid", "output_size", "to_original", "top_k"]
+
+MapsLevel = Literal["none", "summary", "layers", "all"]
+PROB_DECIMALS = 5
+MAP_DECIMALS = 3
+_SPATIAL_KINDS = ("spatial", "context")
+# Viridis anchor colours; the PNG colour scale interpolates linearly between them.
+_ANCHORS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+_LUT = np.stack(
+    [np.interp(np.linspace(0, 4, 256), np.arange(5), _ANCHORS[:, c]) for c in range(3)], axis=1
+).astype(np.uint8)
+
+
+@dataclass(frozen=True, slots=True)
+class MapOptions:
+    """What the client asked for: how many classes, which maps, their size and encoding."""
+
+    top_k: int = 5
+    maps: MapsLevel = "summary"
+    map_size: int = 64
+    map_format: Literal["json", "png"] = "json"
+
+
+def output_size(width: int, height: int, map_size: int) -> tuple[int, int]:
+    """(rows, cols) of a map covering a width x height image with its longest side = map_size."""
+    if width >= height:
+        return max(1, round(map_size * height / width)), map_size
+    return map_size, max(1, round(map_size * width / height))
+
+
+def map_grid(geometry: Geometry, map_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grid (1, rows, cols, 2) into the model input, and the inside-the-crop mask."""
+    rows, cols = output_size(geometry.width, geometry.height, map_size)
+    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) * (geometry.width / cols)
+    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) * (geometry.height / rows)
+    xc = xs * geometry.scale_x - geometry.crop_left
+    yc = ys * geometry.scale_y - geometry.crop_top
+    inside_x = (xc >= 0) & (xc < geometry.crop_width)
+    inside_y = (yc >= 0) & (yc < geometry.crop_height)
+    gx = (2.0 * xc / geometry.crop_width - 1.0).float()
+    gy = (2.0 * yc / geometry.crop_height - 1.0).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+    return grid, inside_y[:, None] & inside_x[None, :]
+
+
+def to_original(grid_map: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Resample an (h, w) map on the model input grid onto the original image (zeros outside)."""
+    source = grid_map.float()[None, None]
+    sampled = F.grid_sample(source, grid, padding_mode="border", align_corners=False)[0, 0]
+    return torch.where(mask, sampled, torch.zeros_like(sampled))
+
+
+def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str, Any]]:
+    """The k most probable classes, highest first, probabilities rounded."""
+    values, indices = torch.topk(probs.float(), min(k, probs.numel()))
+    return [
+        {"label": labels[i], "index": i, "probability": round(float(p), PROB_DECIMALS)}
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def _encode(array: torch.Tensor, fmt: str, value_range: tuple[float, float]) -> dict[str, Any]:
+    """{"shape", "data"} with rounded numbers, or {"shape", "png", "range"} for 2-D PNG output."""
+    values = array.double().numpy()
+    entry: dict[str, Any] = {"shape": list(values.shape)}
+    if fmt == "png" and values.ndim == 2:
+        entry["png"] = _png(values, value_range)
+        entry["range"] = [round(v, MAP_DECIMALS) for v in value_range]
+    else:
+        entry["data"] = (np.round(values, MAP_DECIMALS) + 0.0).tolist()
+    return entry
+
+
+def _png(values: np.ndarray, value_range: tuple[float, float]) -> str:
+    """Base64 PNG heatmap: `value_range` spread over the viridis-like colour scale."""
+    low, high = value_range
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    index = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(_LUT[index], mode="RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _value_range(record: AttentionRecord, values: torch.Tensor) -> tuple[float, float]:
+    """Fixed [0, 1] for gates and shares; [0, max] for GC's h*w-scaled context mask."""
+    if record.kind == "context":
+        return 0.0, max(1.0, float(values.max()))
+    return 0.0, 1.0
+
+
+def _spatial_entry(
+    record: AttentionRecord, grid: torch.Tensor, mask: torch.Tensor, fmt: str
+) -> dict[str, Any]:
+    """A site's spatial view mapped back onto the original image."""
+    view = record.tensor[0, 0].float()
+    if record.kind == "context":
+        view = view * view.numel()
+    mapped = to_original(view, grid, mask)
+    return _layer_head(record) | _encode(mapped, fmt, _value_range(record, mapped))
+
+
+def _raw_entry(record: AttentionRecord, fmt: str) -> dict[str, Any]:
+    """A non-spatial tensor at native resolution (coord gates lose their singleton axis)."""
+    tensor = record.tensor[0]
+    if record.kind in ("coord_h", "coord_w"):
+        tensor = tensor.reshape(tensor.shape[0], -1)
+    value_range = (0.0, 1.0) if record.block != "gc" else (float(tensor.min()), float(tensor.max()))
+    return _layer_head(record) | _encode(tensor, fmt, value_range)
+
+
+def _layer_head(record: AttentionRecord) -> dict[str, Any]:
+    return {
+        "layer": record.site,
+        "block": record.block,
+        "kind": record.kind,
+        "derived": record.derived,
+    }
+
+
+def build_result(
+    probs: torch.Tensor,
+    records: list[AttentionRecord],
+    summary: torch.Tensor | None,
+    geometry: Geometry,
+    labels: tuple[str, ...],
+    options: MapOptions,
+) -> dict[str, Any]:
+    """The response object of one image; `records`/`summary` carry a batch dimension of 1."""
+    result: dict[str, Any] = {
+        "predictions": top_k(probs, labels, options.top_k),
+        "image": {"width": geometry.width, "height": geometry.height},
+        "attention": None,
+    }
+    if options.maps == "none":
+        return result
+    grid, mask = map_grid(geometry, options.map_size)
+    attention: dict[str, Any] = {"summary": None}
+    if summary is not None:
+        attention["summary"] = _encode(
+            to_original(summary[0], grid, mask), options.map_format, (0.0, 1.0)
+        )
+    if options.maps in ("layers", "all"):
+        views = {id(r) for r in spatial_views(records)}
+        attention["layers"] = [
+            _spatial_entry(r, grid, mask, options.map_format)
+            if id(r) in views
+            else _raw_entry(r, options.map_format)
+            for r in records
+            if id(r) in views or (options.maps == "all" and r.kind not in _SPATIAL_KINDS)
+        ]
+    result["attention"] = attention
+    return result

@@ -1,0 +1,219 @@
+"""The per-request flow: decode -> batch -> predict -> unbatch -> build the response data.
+
+Decoding, preprocessing and response building run in the CPU pool, the forward pass on the
+device thread (through the model's batcher); the event loop only coordinates. A request whose
+client went away is cancelled, so the batcher drops its items before they reach the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from models import AttentionRecord, DataConfig
+from service.errors import InvalidImage, PayloadTooLarge, ServiceError
+from service.imaging import Prepared, prepare
+from service.maps import MapOptions, build_result
+
+if TYPE_CHECKING:
+    from service.registry import HostedModel
+    from service.worker import DeviceWorker, ModelRunner
+
+__all__ = ["ClientDisconnected", "ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
+
+V = TypeVar("V")
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+class ClientDisconnected(ServiceError):
+    """The client closed the connection before its answer was ready (nginx's 499)."""
+
+    status_code = 499
+    error = "client_closed_request"
+
+
+@dataclass(frozen=True, slots=True)
+class PredictItem:
+    """One image queued for a model: its input tensor (C, H, W) and whether maps are wanted."""
+
+    tensor: torch.Tensor
+    capture: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutput:
+    """One image's share of a batch: probabilities (K,), records and summary with batch dim 1."""
+
+    probs: torch.Tensor
+    records: list[AttentionRecord]
+    summary: torch.Tensor | None
+
+
+def make_batch_handler(
+    worker: DeviceWorker, runner: ModelRunner
+) -> Callable[[list[PredictItem]], Awaitable[list[ItemOutput]]]:
+    """The batcher's handler: stack, forward on the device thread, split per item.
+
+    Stacking is one memory copy, done here rather than in the CPU pool so that a batch never
+    waits behind queued decoding work.
+    """
+
+    async def handle(items: list[PredictItem]) -> list[ItemOutput]:
+        batch = torch.stack([item.tensor for item in items])
+        capture = any(item.capture for item in items)
+        out = await worker.run(runner.forward, batch, capture)
+        return [
+            ItemOutput(
+                probs=out.probs[i],
+                records=[dataclasses.replace(r, tensor=r.tensor[i : i + 1]) for r in out.records],
+                summary=None if out.summary is None else out.summary[i : i + 1],
+            )
+            for i in range(len(items))
+        ]
+
+    return handle
+
+
+class Predictor:
+    """Runs requests through hosted models using the shared CPU pool."""
+
+    def __init__(self, pool: Executor, *, max_image_pixels: int, request_timeout_s: float) -> None:
+        self._pool = pool
+        self._max_pixels = max_image_pixels
+        self._timeout = request_timeout_s
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count a request as in flight, so shutdown can wait for its post-processing."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True), or `timeout` seconds (False)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _cpu(self, fn: Callable[..., V], *args: Any) -> V:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _prepare(self, data: bytes, configs: list[DataConfig], label: str) -> list[Prepared]:
+        """Decode and preprocess in the pool; errors name the image when there are several."""
+        try:
+            return await self._cpu(
+                functools.partial(prepare, data, configs, max_pixels=self._max_pixels)
+            )
+        except (InvalidImage, PayloadTooLarge) as exc:
+            if not label:
+                raise
+            raise type(exc)(f"{label}: {exc.detail}") from None
+
+    async def predict(
+        self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
+    ) -> list[dict[str, Any]]:
+        """One result per image from model `hosted`, in request order."""
+        with self._tracked():
+            return await self._predict(hosted, images, options, receive)
+
+    async def _predict(
+        self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
+    ) -> list[dict[str, Any]]:
+        config = [hosted.data_config]
+        several = len(images) > 1
+        prepared = await gather_all(
+            self._prepare(data, config, f"image {i}" if several else "")
+            for i, data in enumerate(images)
+        )
+        capture = options.maps != "none"
+        submits = (
+            hosted.submit(PredictItem(p.tensor, capture), self._timeout) for (p,) in prepared
+        )
+        outputs = await until_disconnect(receive, gather_all(submits))
+        return await gather_all(
+            self._cpu(self._result, hosted, out, p, options)
+            for out, (p,) in zip(outputs, prepared, strict=True)
+        )
+
+    async def compare(
+        self, hosted: list[HostedModel], image: bytes, options: MapOptions, receive: Receive
+    ) -> list[dict[str, Any]]:
+        """One result per model for the same image, each with a "model" key, in `hosted` order."""
+        with self._tracked():
+            return await self._compare(hosted, image, options, receive)
+
+    async def _compare(
+        self, hosted: list[HostedModel], image: bytes, options: MapOptions, receive: Receive
+    ) -> list[dict[str, Any]]:
+        prepared = await self._prepare(image, [m.data_config for m in hosted], "")
+        capture = options.maps != "none"
+        submits = (
+            m.submit(PredictItem(p.tensor, capture), self._timeout)
+            for m, p in zip(hosted, prepared, strict=True)
+        )
+        outputs = await until_disconnect(receive, gather_all(submits))
+        results = await gather_all(
+            self._cpu(self._result, m, out, p, options)
+            for m, out, p in zip(hosted, outputs, prepared, strict=True)
+        )
+        return [{"model": m.name, **r} for m, r in zip(hosted, results, strict=True)]
+
+    @staticmethod
+    def _result(
+        hosted: HostedModel, out: ItemOutput, prepared: Prepared, options: MapOptions
+    ) -> dict[str, Any]:
+        labels = hosted.data_config.labels
+        return build_result(out.probs, out.records, out.summary, prepared.geometry, labels, options)
+
+
+async def gather_all(awaitables: Iterable[Awaitable[V]]) -> list[V]:
+    """Like asyncio.gather, but the first failure cancels the others (no orphaned queue items)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    """Return once the ASGI server reports that the client went away."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[V]) -> V:
+    """Await `work`, cancelling it (and raising ClientDisconnected) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientDisconnected("the client disconnected before the answer was ready")
+    return task.result()

@@ -1,0 +1,113 @@
+"""Service settings: one pydantic-settings class read from ATTNSERVE_* environment variables.
+
+Every field is typed and bounded so a bad value stops the service at start-up with a message
+that names the setting, the offending value and the constraint (see `describe_errors`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "MIB", "Settings", "default_model_repository", "describe_errors"]
+
+ENV_PREFIX = "ATTNSERVE_"
+MIB = 1024 * 1024
+
+
+def default_model_repository() -> Path:
+    """The `zoo` directory shipped inside the installed `models` package (not imported here)."""
+    spec = importlib.util.find_spec("models")
+    if spec is None or not spec.submodule_search_locations:
+        return Path("models") / "zoo"
+    return Path(next(iter(spec.submodule_search_locations))) / "zoo"
+
+
+def _default_cpu_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string (how lists arrive from the environment)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Configuration of one attnserve process; environment variables use the ATTNSERVE_ prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, protected_namespaces=()
+    )
+
+    model_repository: Path = Field(
+        default_factory=default_model_repository,
+        description="Directory whose subdirectories holding a card.json are model packages.",
+    )
+    models: CommaList = Field(
+        default_factory=list, description="Names of the packages to serve; empty serves all."
+    )
+    random_models: CommaList = Field(
+        default_factory=list,
+        description='Extra randomly initialised models, "arch:block" entries.',
+    )
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    autocast: Literal["none", "fp16", "bf16"] = "none"
+    channels_last: bool = False
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(default=256, ge=1, le=100_000)
+    request_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    max_body_bytes: int = Field(default=16 * MIB, ge=1024, le=1024 * MIB)
+    max_image_pixels: int = Field(default=40_000_000, ge=1, le=1_000_000_000)
+    max_images_per_request: int = Field(default=32, ge=1, le=1024)
+    block_routes: dict[str, str] = Field(
+        default_factory=dict, description="JSON object block -> model name for /v1/predict."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    cpu_threads: int = Field(default_factory=_default_cpu_threads, ge=1, le=64)
+
+    @field_validator("models", "random_models", mode="before")
+    @classmethod
+    def _lists_from_strings(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("random_models")
+    @classmethod
+    def _arch_block_pairs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            arch, sep, block = entry.partition(":")
+            if not sep or not arch or not block:
+                raise ValueError(f'entry {entry!r} is not of the form "arch:block"')
+        return value
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per invalid setting: its env variable, the bad value and what was expected."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        env = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ENV_PREFIX + "*"
+        value = error.get("input")
+        lines.append(f"invalid setting {field} ({env}) = {value!r}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The running service: settings, metrics, models, device worker and CPU pool of one app.
+
+`create_app` builds a `Services`; the lifespan starts it (worker, pool, background loading) and
+stops it (intake off, batchers drained, worker closed). Routes reach it through `ServicesDep`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, Request
+
+from service.errors import BatcherStopped, NotReady
+from service.metrics import Metrics
+from service.pipeline import Predictor
+from service.registry import HostedModel, ModelRegistry, ModelSource
+from service.settings import Settings
+from service.worker import DeviceWorker
+
+__all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class Services:
+    """Everything the routes need, with its lifecycle: created -> running -> stopped."""
+
+    def __init__(self, settings: Settings, sources: list[ModelSource], device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(sources, settings.block_routes)
+        self.worker: DeviceWorker | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self._predictor: Predictor | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self.accepting = False
+        self.stopping = False
+        self.ready_check_timeout_s = 5.0
+
+    async def start(self) -> None:
+        """Start the device worker and the CPU pool, then load the models in the background."""
+        self.worker = DeviceWorker(self.device)
+        threads = self.settings.cpu_threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="attnserve-cpu")
+        self._predictor = Predictor(
+            self.pool,
+            max_image_pixels=self.settings.max_image_pixels,
+            request_timeout_s=self.settings.request_timeout_s,
+        )
+        self.accepting = True
+        self._loader = asyncio.get_running_loop().create_task(
+            self.registry.load_all(self.worker, self.pool, self.settings, self.metrics),
+            name="attnserve-load-models",
+        )
+
+    async def stop(self) -> None:
+        """Refuse new requests, drain every batcher, then close the worker and the pool."""
+        self.accepting, self.stopping = False, True
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        await self.registry.stop(timeout=DRAIN_TIMEOUT_S)
+        if self._predictor is not None and not await self._predictor.wait_idle(DRAIN_TIMEOUT_S):
+            logger.warning("requests still in flight after %ss; stopping anyway", DRAIN_TIMEOUT_S)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.close)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("attnserve stopped")
+
+    def check_accepting(self) -> None:
+        """503 before start-up and while shutting down."""
+        if self.stopping:
+            raise BatcherStopped("the service is shutting down")
+        if self._predictor is None or not self.accepting:
+            raise NotReady("the service is starting")
+
+    @property
+    def predictor(self) -> Predictor:
+        """The predictor, if requests are accepted."""
+        self.check_accepting()
+        if self._predictor is None:
+            raise NotReady("the service is starting")
+        return self._predictor
+
+    def ready_model(self, hosted: HostedModel) -> HostedModel:
+        """`hosted` if it can take requests now; 503 with the reason otherwise."""
+        self.check_accepting()
+        if hosted.status != "ready":
+            reason = f": {hosted.error}" if hosted.error else ""
+            progress = f" ({self.registry.loaded}/{len(self.registry.models)} models loaded)"
+            raise NotReady(f"model {hosted.name!r} is {hosted.status}{reason}{progress}")
+        return hosted
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): all models loaded and warm, batchers alive, the worker answering."""
+        if not self.accepting or self.worker is None:
+            return False, "shutting down" if self.stopping else "starting"
+        models = list(self.registry.models.values())
+        if self.registry.loaded < len(models):
+            return False, f"loading {self.registry.loaded}/{len(models)} models"
+        for hosted in models:
+            if hosted.status == "failed":
+                return False, f"model {hosted.name} failed to load: {hosted.error}"
+            if hosted.batcher is None or not hosted.batcher.alive:
+                return False, f"batcher for {hosted.name} stopped"
+        try:
+            async with asyncio.timeout(self.ready_check_timeout_s):
+                answered = await self.worker.check()
+        except TimeoutError:
+            answered = False
+        if not answered:
+            return False, "worker not responding"
+        return True, "ready"
+
+    def model_states(self) -> dict[str, dict[str, Any]]:
+        """Per-model status for the health endpoint."""
+        return {
+            name: {
+                "status": hosted.status,
+                "error": hosted.error,
+                "queue_depth": hosted.batcher.queue_depth if hosted.batcher else 0,
+            }
+            for name, hosted in self.registry.models.items()
+        }
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition, with the device memory gauge refreshed (CUDA only)."""
+        if self.worker is not None and self.device.type == "cuda":
+            self.metrics.set_device_memory(str(self.device), self.worker.memory_bytes())
+        return self.metrics.render()
+
+
+def get_services(request: Request) -> Services:
+    """The app's `Services` (set by create_app)."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,140 @@
+"""Attention maps back onto the original image, top-k, rounding and PNG encoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import create_model
+from service.imaging import Geometry, plan_geometry, preprocess
+from service.maps import MapOptions, build_result, map_grid, output_size, to_original, top_k
+from service.worker import ModelRunner
+
+CPU = torch.device("cpu")
+
+
+def square(size: int = 64) -> Geometry:
+    return Geometry(size, size, size, size, 0, 0, size, size)
+
+
+def test_output_size_keeps_the_aspect_ratio() -> None:
+    assert output_size(600, 400, 64) == (43, 64)
+    assert output_size(300, 451, 64) == (64, 43)
+    assert output_size(64, 64, 32) == (32, 32)
+    assert output_size(5000, 1, 64) == (1, 64)
+
+
+def test_identity_when_nothing_was_cropped() -> None:
+    grid_map = torch.rand(64, 64, generator=torch.Generator().manual_seed(0))
+    grid, mask = map_grid(square(), 64)
+    assert mask.all()
+    torch.testing.assert_close(to_original(grid_map, grid, mask), grid_map)
+
+
+def test_crop_region_only_is_covered() -> None:
+    """600x400 -> 96x64 -> crop x in [16, 80): the original's x in [100, 500)."""
+    geometry = Geometry(600, 400, 96, 64, 16, 0, 64, 64)
+    grid, mask = map_grid(geometry, 60)
+    mapped = to_original(torch.ones(64, 64), grid, mask)
+    assert mapped.shape == (40, 60)
+    columns = mapped.sum(0)
+    assert torch.all(columns[:10] == 0) and torch.all(columns[50:] == 0)
+    torch.testing.assert_close(mapped[:, 10:50], torch.ones(40, 40))
+
+
+def test_a_ramp_stays_a_ramp_after_mapping_back() -> None:
+    """Map value = x on the crop grid, so the mapped value must follow the original x."""
+    geometry = plan_geometry(600, 400, create_model("resnet_small").data_config)
+    ramp = (torch.arange(64, dtype=torch.float32) + 0.5).repeat(64, 1)
+    grid, mask = map_grid(geometry, 60)
+    mapped = to_original(ramp, grid, mask)[0]
+    xs = (torch.arange(60) + 0.5) * 10  # original pixel centres
+    expected = xs * geometry.scale_x - geometry.crop_left  # position on the crop grid
+    inside = mask[0]
+    torch.testing.assert_close(
+        mapped[inside], expected[inside].float().clamp(0.5, 63.5), atol=1e-4, rtol=0
+    )
+
+
+def test_top_k_is_sorted_rounded_and_clipped() -> None:
+    probs = torch.tensor([0.1, 0.5, 0.123456789, 0.276543211])
+    best = top_k(probs, ("a", "b", "c", "d"), 3)
+    assert [p["label"] for p in best] == ["b", "d", "c"]
+    assert best[2] == {"label": "c", "index": 2, "probability": 0.12346}
+    assert len(top_k(probs, ("a", "b", "c", "d"), 50)) == 4
+
+
+def _outputs(block: str, photos: dict) -> tuple:
+    torch.manual_seed(0)
+    model = create_model("resnet_small", block)
+    prepared = preprocess(Image.fromarray(photos["chelsea"]), model.data_config)
+    out = ModelRunner(block, model, device=CPU).forward(prepared.tensor[None], capture=True)
+    return out, prepared.geometry, model.data_config.labels
+
+
+def _decimals_ok(values: object) -> bool:
+    flat = np.ravel(np.asarray(values, dtype=np.float64))
+    return bool(np.all(np.abs(flat * 1000 - np.round(flat * 1000)) < 1e-6))
+
+
+@pytest.mark.parametrize("block", ["coordatt", "sk", "eca", "none"])
+def test_levels_with_real_records(photos: dict, block: str) -> None:
+    out, geometry, labels = _outputs(block, photos)
+    args = (out.probs[0], out.records, out.summary, geometry, labels)
+    nothing = build_result(*args, MapOptions(maps="none"))
+    assert nothing["attention"] is None and nothing["image"] == {"width": 451, "height": 300}
+    summary = build_result(*args, MapOptions(maps="summary", map_size=40))["attention"]
+    layers = build_result(*args, MapOptions(maps="layers", map_size=40))["attention"]["layers"]
+    every = build_result(*args, MapOptions(maps="all", map_size=40))["attention"]["layers"]
+    if block == "none":
+        assert summary == {"summary": None} and layers == [] and every == []
+        return
+    assert summary["summary"]["shape"] == [27, 40] and _decimals_ok(summary["summary"]["data"])
+    assert all(e["shape"] == [27, 40] and e["kind"] == "spatial" for e in layers)
+    assert {e["derived"] for e in layers} == {True}
+    raw = [e for e in every if e not in layers]
+    assert raw and all(_decimals_ok(e["data"]) for e in every)
+    for entry in raw:
+        assert np.asarray(entry["data"]).shape == tuple(entry["shape"])
+    shapes: dict[str, list[int]] = {}
+    for entry in raw:
+        shapes.setdefault(entry["kind"], entry["shape"])  # first site
+    expected = {
+        "coordatt": {"coord_h": [32, 32], "coord_w": [32, 32]},
+        "sk": {"branch": [2, 32]},
+        "eca": {"channel": [32]},
+    }[block]
+    assert {kind: shapes[kind] for kind in expected} == expected
+
+
+def test_png_entries_decode_to_the_map_size(photos: dict) -> None:
+    out, geometry, labels = _outputs("coordatt", photos)
+    options = MapOptions(maps="all", map_size=50, map_format="png")
+    attention = build_result(out.probs[0], out.records, out.summary, geometry, labels, options)[
+        "attention"
+    ]
+    picture = Image.open(io.BytesIO(base64.b64decode(attention["summary"]["png"])))
+    assert picture.size == (50, 33) and picture.mode == "RGB"
+    coord = next(e for e in attention["layers"] if e["kind"] == "coord_h")
+    assert Image.open(io.BytesIO(base64.b64decode(coord["png"]))).size == (32, 32)
+    assert all("png" in e and "data" not in e for e in attention["layers"])
+
+
+def test_png_colours_follow_the_values() -> None:
+    geometry = square(8)
+    ramp = torch.linspace(0, 1, 8).repeat(8, 1)
+    summary = ramp[None]
+    result = build_result(
+        torch.tensor([1.0]), [], summary, geometry, ("x",), MapOptions(map_size=8, map_format="png")
+    )
+    pixels = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(result["attention"]["summary"]["png"])))
+    )
+    brightness = pixels.astype(float).sum(axis=2)[0]
+    assert np.all(np.diff(brightness) > 0) and math.isclose(pixels[0, -1, 2], 37, abs_tol=1)
