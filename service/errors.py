@@ -51,6 +51,13 @@ class InvalidOptions(ServiceError):
     error = "invalid_options"
 
 
+class ClientDisconnected(ServiceError):
+    """The client closed the connection before its answer was ready (nginx's 499)."""
+
+    status_code = 499
+    error = "client_closed_request"
+
+
 class QueueFull(ServiceError):
     """The model's queue is at capacity; the client should retry after `retry_after` seconds."""
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from models import AttentionRecord, DataConfig
-from service.errors import InvalidImage, PayloadTooLarge, ServiceError
+from service.errors import ClientDisconnected, InvalidImage, PayloadTooLarge
 from service.imaging import Prepared, prepare
 from service.maps import MapOptions, build_result
 
@@ -27,17 +27,10 @@ if TYPE_CHECKING:
     from service.registry import HostedModel
     from service.worker import DeviceWorker, ModelRunner
 
-__all__ = ["ClientDisconnected", "ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
+__all__ = ["ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
 
 V = TypeVar("V")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-
-
-class ClientDisconnected(ServiceError):
-    """The client closed the connection before its answer was ready (nginx's 499)."""
-
-    status_code = 499
-    error = "client_closed_request"
 
 
 @dataclass(frozen=True, slots=True)

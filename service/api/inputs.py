@@ -17,10 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import BadRequest, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    ClientDisconnected,
+    InvalidImage,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from service.imaging import ACCEPTED_IMAGE_TYPES
 from service.maps import MapOptions
-from service.pipeline import ClientDisconnected
 
 __all__ = ["ACCEPTED_CONTENT_TYPES", "JsonPredictBody", "Payload", "PredictOptions", "read_payload"]
 
