@@ -98,6 +98,10 @@ class Predictor:
             if self._active == 0:
                 self._idle.set()
 
+    def tracked(self) -> contextlib.AbstractContextManager[None]:
+        """Count a request served outside this class (the v2 route) as in flight, for shutdown."""
+        return self._tracked()
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True), or `timeout` seconds (False)."""
         try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import health, v1
+from service.api import health, v1, v2
 
 __all__ = ["api_router"]
 
 api_router = APIRouter()
 api_router.include_router(v1.router)
+api_router.include_router(v2.router)
 api_router.include_router(health.router)

@@ -3,6 +3,8 @@
 Every error leaves the service as `{"error": <code>, "detail": <what to fix>}` with the status of
 its `ServiceError` class; validation errors become 422 with one entry per problem; anything
 unexpected is logged with its traceback and answered with a generic 500 (never a stack trace).
+Under /v2 the Open Inference Protocol's shape `{"error": <message>}` is used instead, and every
+503 there carries Retry-After.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = ["ORJSONResponse", "error_response", "install_handlers"]
 logger = logging.getLogger(__name__)
 
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+V2_PREFIX = "/v2"
 
 
 class ORJSONResponse(JSONResponse):
@@ -39,6 +42,30 @@ def error_response(
 ) -> ORJSONResponse:
     """The error body every failure uses."""
     return ORJSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def _is_v2(request: Request) -> bool:
+    path = request.scope.get("path", "")
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def _respond(
+    request: Request, status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+) -> ORJSONResponse:
+    """The v1 error body, or on /v2 paths `{"error": <message>}` (503s there get Retry-After)."""
+    if not _is_v2(request):
+        return error_response(status, error, detail, headers)
+    if isinstance(detail, list):
+        message = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in detail)
+    else:
+        message = str(detail) if detail is not None else error
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", "1")
+    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
@@ -58,25 +85,25 @@ async def _service_error(request: Request, exc: Exception) -> ORJSONResponse:
         return await _unexpected(request, exc)
     if exc.status_code >= 500:  # overload and deadlines: worth seeing, not worth a traceback
         logger.info("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
-    return error_response(exc.status_code, exc.error, exc.detail, exc.headers)
+    return _respond(request, exc.status_code, exc.error, exc.detail, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> ORJSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
     detail = validation_detail(errors)
-    return error_response(InvalidOptions.status_code, InvalidOptions.error, detail)
+    return _respond(request, InvalidOptions.status_code, InvalidOptions.error, detail)
 
 
 async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         return await _unexpected(request, exc)
     error = _HTTP_ERRORS.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, error, exc.detail, dict(exc.headers or {}))
+    return _respond(request, exc.status_code, error, exc.detail, dict(exc.headers or {}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error; see the server log")
+    return _respond(request, 500, "internal_error", "internal server error; see the server log")
 
 
 def install_handlers(app: FastAPI) -> None:
