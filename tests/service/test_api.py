@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import logging
 import shutil
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-from fastapi import FastAPI
+from inprocess import Served, serve, wait_loaded
 from PIL import Image
 from pydantic import ValidationError
 
@@ -35,36 +33,6 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 
 RANDOM_CBAM = "resnet_small-cbam-random"
 ALL_MODELS = [RANDOM_CBAM, "tiny-cbam", "tiny-gc", "tiny-se"]
-
-
-@dataclass
-class Served:
-    app: FastAPI
-    client: httpx.AsyncClient
-
-    @property
-    def services(self) -> Services:
-        return self.app.state.services
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings, *, ready: bool = True) -> AsyncIterator[Served]:
-    """Run an app's lifespan and a client for it; wait until every model has loaded."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://attnserve") as client:
-            served = Served(app, client)
-            if ready:
-                await wait_loaded(served)
-            yield served
-
-
-async def wait_loaded(served: Served, timeout: float = 60.0) -> None:
-    registry = served.services.registry
-    async with asyncio.timeout(timeout):
-        while registry.loaded < len(registry.models):
-            await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

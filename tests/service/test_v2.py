@@ -24,46 +24,14 @@ import numpy as np
 import orjson
 import pytest
 import pytest_asyncio
-from fastapi import FastAPI
+from inprocess import Served, serve, wait_loaded
 
-from service.app import create_app
 from service.imaging import prepare
 from service.settings import Settings
 from service.state import Services
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 LENGTH = "Inference-Header-Content-Length"
-
-
-class Served:
-    def __init__(self, app: FastAPI, client: httpx.AsyncClient) -> None:
-        self.app, self.client = app, client
-
-    @property
-    def services(self) -> Services:
-        return self.app.state.services
-
-    async def infer(self, model: str, request: dict[str, Any], **kw: Any) -> httpx.Response:
-        return await self.client.post(f"/v2/models/{model}/infer", json=request, **kw)
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings, *, ready: bool = True) -> AsyncIterator[Served]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://attnserve") as client:
-            served = Served(app, client)
-            if ready:
-                await wait_loaded(served)
-            yield served
-
-
-async def wait_loaded(served: Served) -> None:
-    registry = served.services.registry
-    async with asyncio.timeout(60):
-        while registry.loaded < len(registry.models):
-            await asyncio.sleep(0.02)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
