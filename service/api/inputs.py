@@ -182,10 +182,18 @@ def _json(body: bytes, max_images: int) -> Payload:
     return Payload([_b64(i, text) for i, text in enumerate(parsed.images)], options)
 
 
-def _b64(index: int, text: str) -> bytes:
+def decode_base64(text: str) -> bytes:
+    """Standard base64 to bytes (data: URLs and whitespace accepted); ValueError if invalid."""
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
         return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _b64(index: int, text: str) -> bytes:
+    try:
+        return decode_base64(text)
+    except ValueError:
         raise InvalidImage(f"images[{index}] is not valid base64") from None

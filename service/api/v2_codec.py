@@ -8,8 +8,6 @@ Request bodies may be gzip/deflate compressed; the size limit applies before and
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import struct
 import zlib
@@ -20,7 +18,7 @@ import numpy as np
 import orjson
 from starlette.requests import Request
 
-from service.api.inputs import read_body
+from service.api.inputs import decode_base64, read_body
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = [
@@ -242,11 +240,9 @@ def _flatten(data: Any) -> list[Any]:
 
 def _b64(name: str, index: int, text: str) -> bytes:
     """Base64 (standard alphabet; data: URLs and whitespace accepted) to bytes."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(text)
+    except ValueError:
         raise BadRequest(f"input {name!r}: element {index} is not valid base64") from None
 
 
