@@ -1,0 +1,229 @@
+"""`attnserve train`, `attnserve evaluate` and `attnserve zoo`: subcommands for service/cli.py.
+
+`register(subparsers)` adds them to an argparse subparsers object; each sets `func`, which
+takes the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.attention import ATTENTION_BLOCKS
+from models.package import load_package
+from models.registry import get_arch_spec
+from models.training.data import TrainingData, digits_training_data, heldout_canvases
+from models.training.evaluate import evaluate_model, format_table
+from models.training.imagefolder import imagefolder_training_data, load_folder
+from models.training.train import TrainConfig, accuracy, save_trained, train_model
+
+logger = logging.getLogger(__name__)
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+ZOO_RECIPE = TrainConfig(
+    arch="resnet_small",
+    epochs=12,
+    batch_size=64,
+    lr=4e-3,
+    weight_decay=0.05,
+    seed=0,
+    model_kwargs={"depths": [1, 2, 2]},
+)
+"""The one recipe every shipped digits-<block> model is trained with (only the block differs)."""
+ZOO_THREADS = 1
+"""One thread per model: deterministic, and faster than two on a busy machine."""
+
+
+def register(subparsers: Any) -> None:
+    """Add the train, evaluate and zoo subcommands to `subparsers` (from add_subparsers())."""
+    _add_train(subparsers.add_parser("train", help="train a model and write a model package"))
+    _add_evaluate(
+        subparsers.add_parser("evaluate", help="accuracy and localization of a model package")
+    )
+    _add_zoo(subparsers.add_parser("zoo", help="retrain the shipped digits-<block> models"))
+
+
+class _DataSource(argparse.Action):
+    """`--data digits` or `--data imagefolder PATH`, stored as (kind, path or None)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        if values == ["digits"]:
+            setattr(namespace, self.dest, ("digits", None))
+        elif len(values) == 2 and values[0] == "imagefolder":
+            setattr(namespace, self.dest, ("imagefolder", Path(values[1])))
+        else:
+            parser.error(f"--data {' '.join(values)}: expected 'digits' or 'imagefolder PATH'")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=ZOO_THREADS, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _data_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        action=_DataSource,
+        default=("digits", None),
+        metavar="SOURCE",
+        help=help_text,
+    )
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    d = ZOO_RECIPE
+    _data_option(parser, "'digits' (cluttered digits) or 'imagefolder PATH' (a folder per class)")
+    parser.add_argument("--arch", default=d.arch, help="architecture (see models.list_models)")
+    parser.add_argument("--attention", default="none", choices=ATTENTION_BLOCKS)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--depths", type=int, nargs="+", help="blocks per stage (resnet_small; the zoo: 1 2 2)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, nargs=3, metavar=("C", "H", "W"), help="imagefolder input size"
+    )
+    parser.add_argument(
+        "--val-per-class", type=int, default=0, help="digits: validation digits per class"
+    )
+    parser.add_argument("--limit", type=int, help="digits: train on the first N training digits")
+    parser.add_argument("--max-batches", type=int, help="stop each epoch after N batches")
+    parser.add_argument("--name", help="package name (default: <data>-<attention>)")
+    parser.add_argument("--out", type=Path, required=True, help="package directory to write")
+    _common(parser)
+    parser.set_defaults(func=run_train)
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("package", type=Path, help="model package directory")
+    parser.add_argument("--limit", type=int, help="evaluate on the first N held-out canvases")
+    _data_option(parser, "'digits' (the held-out canvases) or 'imagefolder PATH'")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _common(parser)
+    parser.set_defaults(func=run_evaluate)
+
+
+def _add_zoo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=ZOO_DIR, help="where digits-<block>/ go")
+    parser.add_argument(
+        "--blocks", nargs="+", default=list(ATTENTION_BLOCKS), choices=ATTENTION_BLOCKS
+    )
+    parser.add_argument("--epochs", type=int, default=ZOO_RECIPE.epochs)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(len(ATTENTION_BLOCKS), os.cpu_count() or 1),
+        help="models trained in parallel, one process each (default: one per CPU core)",
+    )
+    _common(parser)
+    parser.set_defaults(func=run_zoo)
+
+
+def _training_data(args: argparse.Namespace, config: TrainConfig) -> TrainingData:
+    kind, path = args.data
+    if kind == "digits":
+        return digits_training_data(config.seed, args.val_per_class, args.limit)
+    size = args.image_size or get_arch_spec(config.arch).data_config(3, 2).input_size
+    return imagefolder_training_data(path, tuple(size), config.seed)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        arch=args.arch,
+        attention=args.attention,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        model_kwargs={"depths": args.depths} if args.depths else {},
+        max_batches=args.max_batches,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train one model as asked on the command line and write its package."""
+    torch.set_num_threads(args.threads)
+    config = _train_config(args)
+    data = _training_data(args, config)
+    result = train_model(config, data, progress=not args.no_progress)
+    if data.name == "digits":
+        metrics = {"dataset": "digits-heldout", **evaluate_model(result.model, heldout_canvases())}
+    elif data.validation is not None:
+        acc = accuracy(result.model, *data.validation)
+        metrics = {"dataset": "imagefolder-validation", "accuracy": round(acc, 4)}
+    else:
+        metrics = {}
+    name = args.name or f"{data.name}-{config.attention}"
+    save_trained(name, config, data, result, args.out, metrics)
+    print(f"wrote {args.out} ({result.wall_time_s:.0f} s): {json.dumps(_brief(metrics))}")
+    return 0
+
+
+def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in ("accuracy", "summary") if k in metrics}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Print accuracy and localization scores of a package on the held-out digits (or a folder)."""
+    torch.set_num_threads(args.threads)
+    model, card = load_package(args.package)
+    kind, path = args.data
+    if kind == "imagefolder":
+        images, labels, _ = load_folder(path, card.data_config.input_size)
+        metrics: dict[str, Any] = {
+            "samples": len(labels),
+            "accuracy": accuracy(model, images, labels),
+        }
+    else:
+        metrics = evaluate_model(model, heldout_canvases().subset(args.limit))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    elif kind == "imagefolder":
+        print(f"{card.name}: accuracy {metrics['accuracy']:.4f} on {metrics['samples']} images")
+    else:
+        print(format_table({card.name: {"block": card.attention, **metrics}}))
+    return 0
+
+
+def zoo_member(block: str, out: Path, epochs: int, threads: int, progress: bool) -> dict[str, Any]:
+    """Train digits-<block> with the zoo recipe, score it on the held-out set and save it."""
+    torch.set_num_threads(threads)
+    config = replace(ZOO_RECIPE, attention=block, epochs=epochs)
+    data = digits_training_data(config.seed)
+    result = train_model(config, data, progress=progress)
+    metrics = {"dataset": "digits-heldout", **evaluate_model(result.model, heldout_canvases())}
+    name = f"digits-{block}"
+    save_trained(name, config, data, result, out / name, metrics)
+    print(f"{name}: {result.wall_time_s:.0f} s, {json.dumps(_brief(metrics))}", flush=True)
+    return {"block": block, "wall_time_s": round(result.wall_time_s, 1), **metrics}
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    """Retrain every digits-<block> model with the zoo recipe (`--jobs` processes at a time)."""
+    start = time.perf_counter()
+    progress = args.jobs == 1 and not args.no_progress
+    tasks = [(block, args.out, args.epochs, args.threads, progress) for block in args.blocks]
+    if args.jobs == 1:
+        rows = [zoo_member(*task) for task in tasks]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            rows = list(pool.map(zoo_member, *zip(*tasks, strict=True)))
+    print(format_table({f"digits-{row['block']}": row for row in rows}))
+    print(f"zoo wall time: {time.perf_counter() - start:.0f} s")
+    return 0

@@ -1,0 +1,121 @@
+"""Localization benchmark: do a model's attention maps point at the digit it classifies?
+
+On the held-out cluttered-digit canvases every model is scored for accuracy and, for its summary
+map (`models.summary_map`, the function the service uses) and for every site's spatial view,
+by two localization scores against the digit's 28x28 placement box:
+- pointing game: the map's argmax (first one on ties) falls inside the box;
+- energy in box: the share of the map's mass inside the box (a map with no mass counts as
+  uniform, i.e. the baseline).
+A uniform map scores box area / canvas area on both (784 / 4096 = 0.191).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.attention import capture_attention, spatial_views, summary_map
+from models.training.data import Canvases, box_fraction
+from models.training.train import to_input
+
+
+def box_masks(boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) boolean masks of the (x0, y0, x1, y1) boxes."""
+    rows = torch.arange(size[0]).view(1, -1, 1)
+    cols = torch.arange(size[1]).view(1, 1, -1)
+    b = torch.from_numpy(boxes).view(-1, 4, 1, 1)
+    return (cols >= b[:, 0]) & (cols < b[:, 2]) & (rows >= b[:, 1]) & (rows < b[:, 3])
+
+
+def localization(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (pointing hit, energy in box) of (N, H, W) non-negative maps."""
+    flat = maps.flatten(1)
+    inside = masks.flatten(1)
+    hits = inside.gather(1, flat.argmax(1, keepdim=True))[:, 0].float()
+    total = flat.sum(1)
+    energy = (flat * inside).sum(1) / total.clamp_min(1e-12)
+    uniform = inside.float().mean(1)
+    return hits, torch.where(total > 0, energy, uniform)
+
+
+class _Scores:
+    """Running sums of pointing hits and energies per map name."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        self.info: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        hits, energy = localization(maps, masks)
+        entry = self.sums[name]
+        entry[0] += float(hits.sum())
+        entry[1] += float(energy.sum())
+        entry[2] += len(hits)
+
+    def result(self, name: str) -> dict[str, Any]:
+        hits, energy, count = self.sums[name]
+        return {
+            **self.info.get(name, {}),
+            "pointing": round(hits / count, 4),
+            "energy": round(energy / count, 4),
+        }
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) -> dict[str, Any]:
+    """Accuracy and localization scores (summary map and per site) of `model` on `canvases`."""
+    model.eval()
+    size = canvases.images.shape[-2:]
+    scores = _Scores()
+    correct = 0
+    has_summary = False
+    for start in range(0, len(canvases), batch_size):
+        part = slice(start, start + batch_size)
+        x = to_input(canvases.images[part, None], model.data_config)
+        with capture_attention(model, derived=True) as cap:
+            logits = model(x)
+        correct += int((logits.argmax(1).numpy() == canvases.labels[part]).sum())
+        masks = box_masks(canvases.boxes[part], size)
+        summary = summary_map(cap.records, size)
+        if summary is not None:
+            has_summary = True
+            scores.add("summary", summary, masks)
+        for view in spatial_views(cap.records):
+            scores.info[view.site] = {"kind": view.kind, "derived": view.derived}
+            scores.add(view.site, summary_map([view], size), masks)
+    return {
+        "samples": len(canvases),
+        "accuracy": round(correct / len(canvases), 4),
+        "baseline": round(box_fraction(), 4),
+        "summary": scores.result("summary") if has_summary else None,
+        "sites": {site: scores.result(site) for site in scores.info},
+    }
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per model: accuracy, summary and best-site localization."""
+    base = box_fraction()
+    lines = [
+        "| model | block | accuracy | pointing (summary) | energy in box (summary) "
+        "| per-site pointing / energy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, metrics in results.items():
+        summary = metrics.get("summary")
+        point = f"{summary['pointing']:.3f}" if summary else "n/a (no map)"
+        energy = f"{summary['energy']:.3f}" if summary else "n/a (no map)"
+        sites = "; ".join(
+            f"{site} {s['kind']}{'*' if s['derived'] else ''} {s['pointing']:.2f} / "
+            f"{s['energy']:.2f}"
+            for site, s in metrics.get("sites", {}).items()
+        )
+        lines.append(
+            f"| {name} | {metrics.get('block', '')} | {metrics['accuracy']:.3f} | {point} "
+            f"| {energy} | {sites or '-'} |"
+        )
+    lines.append(f"| uniform map | - | - | {base:.3f} | {base:.3f} | - |")
+    return "\n".join(lines)

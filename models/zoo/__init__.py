@@ -1,0 +1,1 @@
+"""The shipped, trained model packages: one digits-<block>/ directory per attention block."""
