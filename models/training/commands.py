@@ -37,7 +37,7 @@ ZOO_RECIPE = TrainConfig(
     lr=4e-3,
     weight_decay=0.05,
     seed=0,
-    model_kwargs={"depths": [1, 2, 2]},
+    model_kwargs={"depths": [1, 2, 1]},
 )
 """The one recipe every shipped digits-<block> model is trained with (only the block differs)."""
 ZOO_THREADS = 1
@@ -92,7 +92,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
-        "--depths", type=int, nargs="+", help="blocks per stage (resnet_small; the zoo: 1 2 2)"
+        "--depths", type=int, nargs="+", help="blocks per stage (resnet_small; the zoo: 1 2 1)"
     )
     parser.add_argument(
         "--image-size", type=int, nargs=3, metavar=("C", "H", "W"), help="imagefolder input size"
