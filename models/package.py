@@ -151,8 +151,9 @@ def save_package(model: nn.Module, card: ModelCard, directory: str | os.PathLike
     """
     _check_card_matches(model, card)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {"arch": card.arch, "attention": card.attention, "format": "pt"}
-    weights = safetensors.torch.save(state, metadata=metadata)
+    # One metadata key only: safetensors writes metadata in hash order, so several keys would make
+    # two saves of the same weights differ byte for byte (the card carries arch and block).
+    weights = safetensors.torch.save(state, metadata={"format": "pt"})
     card = replace(card, weights_sha256=hashlib.sha256(weights).hexdigest())
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Training, evaluation and the model zoo: data, trainer, localization benchmark, CLI."""

@@ -7,11 +7,13 @@ takes the parsed namespace and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import logging
 import multiprocessing
 import os
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +29,6 @@ from models.training.evaluate import evaluate_model, format_table
 from models.training.imagefolder import imagefolder_training_data, load_folder
 from models.training.train import TrainConfig, accuracy, save_trained, train_model
 
-logger = logging.getLogger(__name__)
-
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 ZOO_RECIPE = TrainConfig(
     arch="resnet_small",
@@ -42,6 +42,20 @@ ZOO_RECIPE = TrainConfig(
 """The one recipe every shipped digits-<block> model is trained with (only the block differs)."""
 ZOO_THREADS = 1
 """One thread per model: deterministic, and faster than two on a busy machine."""
+
+
+def _user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Report a bad path or an unusable package/folder as one line and exit status 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, FileNotFoundError) as exc:
+            sys.stderr.write(f"attnserve {getattr(args, 'command', '')}: {exc}\n")
+            return 2
+
+    return run
 
 
 def register(subparsers: Any) -> None:
@@ -120,7 +134,12 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 def _add_zoo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="where digits-<block>/ go")
     parser.add_argument(
-        "--blocks", nargs="+", default=list(ATTENTION_BLOCKS), choices=ATTENTION_BLOCKS
+        "--blocks",
+        nargs="+",
+        default=list(ATTENTION_BLOCKS),
+        choices=ATTENTION_BLOCKS,
+        metavar="BLOCK",
+        help=f"blocks to retrain (default: all of {', '.join(ATTENTION_BLOCKS)})",
     )
     parser.add_argument("--epochs", type=int, default=ZOO_RECIPE.epochs)
     parser.add_argument(
@@ -155,6 +174,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+@_user_errors
 def run_train(args: argparse.Namespace) -> int:
     """Train one model as asked on the command line and write its package."""
     torch.set_num_threads(args.threads)
@@ -178,13 +198,15 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in ("accuracy", "summary") if k in metrics}
 
 
+@_user_errors
 def run_evaluate(args: argparse.Namespace) -> int:
     """Print accuracy and localization scores of a package on the held-out digits (or a folder)."""
     torch.set_num_threads(args.threads)
     model, card = load_package(args.package)
     kind, path = args.data
     if kind == "imagefolder":
-        images, labels, _ = load_folder(path, card.data_config.input_size)
+        config = card.data_config
+        images, labels, _ = load_folder(path, config.input_size, config.crop_pct)
         metrics: dict[str, Any] = {
             "samples": len(labels),
             "accuracy": accuracy(model, images, labels),
@@ -213,10 +235,12 @@ def zoo_member(block: str, out: Path, epochs: int, threads: int, progress: bool)
     return {"block": block, "wall_time_s": round(result.wall_time_s, 1), **metrics}
 
 
+@_user_errors
 def run_zoo(args: argparse.Namespace) -> int:
     """Retrain every digits-<block> model with the zoo recipe (`--jobs` processes at a time)."""
     start = time.perf_counter()
     progress = args.jobs == 1 and not args.no_progress
+    print(f"training {len(args.blocks)} models into {args.out}, {args.jobs} at a time", flush=True)
     tasks = [(block, args.out, args.epochs, args.threads, progress) for block in args.blocks]
     if args.jobs == 1:
         rows = [zoo_member(*task) for task in tasks]

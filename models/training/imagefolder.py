@@ -42,9 +42,9 @@ def find_images(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
 def load_image(path: Path, input_size: tuple[int, int, int], crop_pct: float = 1.0) -> np.ndarray:
     """Decode one image to uint8 (C, H, W): resize the shorter side to H/crop_pct, centre-crop."""
     channels, height, width = input_size
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    with Image.open(path) as opened:
+        image = opened.convert("L" if channels == 1 else "RGB")
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1).permute(2, 0, 1)[None]
     short = min(tensor.shape[-2:])
     scale = max(height, width) / crop_pct / short
@@ -61,11 +61,11 @@ def load_image(path: Path, input_size: tuple[int, int, int], crop_pct: float = 1
 
 
 def load_folder(
-    root: Path, input_size: tuple[int, int, int]
+    root: Path, input_size: tuple[int, int, int], crop_pct: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Every image of `root` as uint8 (N, C, H, W), with label indices and class names."""
     paths, labels, classes = find_images(root)
-    return np.stack([load_image(p, input_size) for p in paths]), labels, classes
+    return np.stack([load_image(p, input_size, crop_pct) for p in paths]), labels, classes
 
 
 def imagefolder_training_data(

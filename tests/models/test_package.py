@@ -92,12 +92,22 @@ def test_imagenet_arch_round_trip_keeps_eca_kernels(tmp_path: Path) -> None:
         assert torch.equal(model(x), loaded(x))
 
 
+def test_saving_the_same_weights_twice_gives_identical_files(tmp_path: Path) -> None:
+    model = _trained_like(create_model("resnet_small", "gc"))
+    first = save_package(model, _card(model, "twice"), tmp_path / "a")
+    second = save_package(model, _card(model, "twice"), tmp_path / "b")
+    assert first.weights_sha256 == second.weights_sha256
+    assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (
+        tmp_path / "b" / WEIGHTS_FILE
+    ).read_bytes()
+
+
 def test_files_are_safetensors_and_sorted_pretty_json(package: Path) -> None:
     weights = (package / WEIGHTS_FILE).read_bytes()
     assert not weights.startswith((b"PK", b"\x80"))  # neither a torch zip nor a pickle stream
     header_len = int.from_bytes(weights[:8], "little")
     header = json.loads(weights[8 : 8 + header_len])
-    assert header["__metadata__"]["arch"] == "resnet_small"
+    assert header["__metadata__"] == {"format": "pt"}
     with safe_open(package / WEIGHTS_FILE, framework="pt") as f:
         assert set(f.keys()) == set(create_model("resnet_small", "cbam").state_dict())
     text = (package / CARD_FILE).read_text()

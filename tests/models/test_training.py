@@ -1,9 +1,10 @@
-"""Training data, canvas generator, trainer and the train/evaluate CLI, on tiny real runs."""
+"""Training data, canvas generator, trainer and the train/evaluate/zoo CLI, on tiny real runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from models import load_package
+from models.training import commands
 from models.training import data as d
 from models.training.commands import register
 from models.training.evaluate import box_masks, evaluate_model, localization
@@ -231,11 +233,33 @@ def test_imagefolder_training(
     assert card.data_config.input_size == (1, 32, 32)
     assert 0.0 <= card.metrics["accuracy"] <= 1.0
     capsys.readouterr()
+    assert _cli("evaluate", str(out), "--limit", "10") == 2
+    assert "Hint: evaluate it on its own data" in capsys.readouterr().err
     assert _cli("evaluate", str(out), "--data", "imagefolder", str(root), "--json") == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == 40 and 0.0 <= printed["accuracy"] <= 1.0
 
 
-def test_imagefolder_needs_class_folders(tmp_path: Path) -> None:
+def test_imagefolder_needs_class_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ValueError, match="two class subfolders"):
         find_images(tmp_path)
+    argv = ["train", "--data", "imagefolder", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    assert _cli(*argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_zoo_cli_writes_one_package_per_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quick = replace(commands.ZOO_RECIPE, max_batches=2, batch_size=32, model_kwargs={})
+    monkeypatch.setattr(commands, "ZOO_RECIPE", quick)
+    argv = ["zoo", "--blocks", "gc", "none", "--epochs", "1", "--jobs", "1", "--no-progress"]
+    assert _cli(*argv, "--out", str(tmp_path)) == 0
+    for block in ("gc", "none"):
+        _, card = load_package(tmp_path / f"digits-{block}")
+        assert card.attention == block and card.training["epochs"] == 1
+        assert card.metrics["dataset"] == "digits-heldout" and card.metrics["samples"] == 1000
+    table = capsys.readouterr().out
+    assert "| digits-gc | gc |" in table and "| uniform map |" in table
