@@ -1,0 +1,5 @@
+"""Benchmarks of attnserve: the real server under load against the in-process limit.
+
+`python -m bench.run` (or `make bench`) starts the server, drives it with `bench.loadgen`,
+measures the same pipeline without HTTP with `bench.inprocess` and writes `bench.report` files.
+"""
