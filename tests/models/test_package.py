@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from models.data_config import DataConfig
 from models.package import CARD_FILE, WEIGHTS_FILE, PackageError
 
 BLOCKS = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The machine is shared: keep this module on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,15 +32,6 @@ EXPECTED_KINDS = {
     "coordatt": {("coord_h", False), ("coord_w", False), ("spatial", True)},
     "sk": {("branch", False), ("spatial", True)},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The machine is shared: keep this module on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_list_models_and_blocks() -> None:
