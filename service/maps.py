@@ -10,6 +10,7 @@ masks multiplied by h*w (uniform = 1), the summary min-max normalised per image.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,8 +55,13 @@ def output_size(width: int, height: int, map_size: int) -> tuple[int, int]:
     return map_size, max(1, round(map_size * width / height))
 
 
+@functools.lru_cache(maxsize=256)
 def map_grid(geometry: Geometry, map_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling grid (1, rows, cols, 2) into the model input, and the inside-the-crop mask."""
+    """Sampling grid (1, rows, cols, 2) into the model input, and the inside-the-crop mask.
+
+    Cached per (geometry, map_size): clients usually send images of a few sizes, and the grid
+    is the same for all of them. The returned tensors are shared; callers must not modify them.
+    """
     rows, cols = output_size(geometry.width, geometry.height, map_size)
     xs = (torch.arange(cols, dtype=torch.float64) + 0.5) * (geometry.width / cols)
     ys = (torch.arange(rows, dtype=torch.float64) + 0.5) * (geometry.height / rows)
@@ -86,14 +92,18 @@ def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str
 
 
 def _encode(array: torch.Tensor, fmt: str, value_range: tuple[float, float]) -> dict[str, Any]:
-    """{"shape", "data"} with rounded numbers, or {"shape", "png", "range"} for 2-D PNG output."""
+    """{"shape", "data"} with rounded numbers, or {"shape", "png", "range"} for 2-D PNG output.
+
+    "data" is a float64 numpy array (nested lists in JSON): the response encoder writes it
+    straight from the array, without a Python float object per value.
+    """
     values = array.double().numpy()
     entry: dict[str, Any] = {"shape": list(values.shape)}
     if fmt == "png" and values.ndim == 2:
         entry["png"] = _png(values, value_range)
         entry["range"] = [round(v, MAP_DECIMALS) for v in value_range]
     else:
-        entry["data"] = (np.round(values, MAP_DECIMALS) + 0.0).tolist()
+        entry["data"] = np.round(values, MAP_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
     return entry
 
 

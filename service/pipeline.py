@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Executor
@@ -25,7 +24,7 @@ from service.maps import MapOptions, build_result
 
 if TYPE_CHECKING:
     from service.registry import HostedModel
-    from service.worker import DeviceWorker, ModelRunner
+    from service.worker import BatchOutput, DeviceWorker, ModelRunner
 
 __all__ = ["ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
 
@@ -43,34 +42,50 @@ class PredictItem:
 
 @dataclass(frozen=True, slots=True)
 class ItemOutput:
-    """One image's share of a batch: probabilities (K,), records and summary with batch dim 1."""
+    """One image's share of a batch: item `index` of the batch's output, sliced on access.
 
-    probs: torch.Tensor
-    records: list[AttentionRecord]
-    summary: torch.Tensor | None
+    Slicing happens where the fields are read (the CPU pool), not when the batch finishes, so
+    the event loop hands a finished batch to its waiters without per-item tensor work.
+    probs is (K,); records and summary keep a batch dimension of 1.
+    """
+
+    batch: BatchOutput
+    index: int
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.batch.probs[self.index]
+
+    @property
+    def records(self) -> list[AttentionRecord]:
+        i = self.index
+        return [
+            AttentionRecord(r.site, r.block, r.kind, r.tensor[i : i + 1], r.derived)
+            for r in self.batch.records
+        ]
+
+    @property
+    def summary(self) -> torch.Tensor | None:
+        summary = self.batch.summary
+        return None if summary is None else summary[self.index : self.index + 1]
 
 
 def make_batch_handler(
     worker: DeviceWorker, runner: ModelRunner
 ) -> Callable[[list[PredictItem]], Awaitable[list[ItemOutput]]]:
-    """The batcher's handler: stack, forward on the device thread, split per item.
+    """The batcher's handler: stack and forward on the device thread, one view per item.
 
-    Stacking is one memory copy, done here rather than in the CPU pool so that a batch never
-    waits behind queued decoding work.
+    Stacking runs on the device thread too: it is one memory copy that never waits behind
+    queued decoding work, and the event loop runs no torch op (see worker.use_one_thread).
     """
 
+    def stack_forward(tensors: list[torch.Tensor], capture: bool) -> BatchOutput:
+        return runner.forward(torch.stack(tensors), capture)
+
     async def handle(items: list[PredictItem]) -> list[ItemOutput]:
-        batch = torch.stack([item.tensor for item in items])
         capture = any(item.capture for item in items)
-        out = await worker.run(runner.forward, batch, capture)
-        return [
-            ItemOutput(
-                probs=out.probs[i],
-                records=[dataclasses.replace(r, tensor=r.tensor[i : i + 1]) for r in out.records],
-                summary=None if out.summary is None else out.summary[i : i + 1],
-            )
-            for i in range(len(items))
-        ]
+        out = await worker.run(stack_forward, [item.tensor for item in items], capture)
+        return [ItemOutput(out, i) for i in range(len(items))]
 
     return handle
 

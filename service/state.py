@@ -19,7 +19,7 @@ from service.metrics import Metrics
 from service.pipeline import Predictor
 from service.registry import HostedModel, ModelRegistry, ModelSource
 from service.settings import Settings
-from service.worker import DeviceWorker
+from service.worker import DeviceWorker, use_one_thread
 
 __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
@@ -48,7 +48,9 @@ class Services:
         """Start the device worker and the CPU pool, then load the models in the background."""
         self.worker = DeviceWorker(self.device)
         threads = self.settings.cpu_threads
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="attnserve-cpu")
+        self.pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="attnserve-cpu", initializer=use_one_thread
+        )
         self._predictor = Predictor(
             self.pool,
             max_image_pixels=self.settings.max_image_pixels,
@@ -138,8 +140,12 @@ class Services:
         return self.metrics.render()
 
 
-def get_services(request: Request) -> Services:
-    """The app's `Services` (set by create_app)."""
+async def get_services(request: Request) -> Services:
+    """The app's `Services` (set by create_app).
+
+    A coroutine on purpose: FastAPI runs a plain-function dependency in its thread pool, a
+    thread hop on every request for what is one attribute lookup.
+    """
     services: Services = request.app.state.services
     return services
 

@@ -98,7 +98,8 @@ def test_levels_with_real_records(photos: dict, block: str) -> None:
     assert summary["summary"]["shape"] == [27, 40] and _decimals_ok(summary["summary"]["data"])
     assert all(e["shape"] == [27, 40] and e["kind"] == "spatial" for e in layers)
     assert {e["derived"] for e in layers} == {True}
-    raw = [e for e in every if e not in layers]
+    spatial = {(e["layer"], e["kind"]) for e in layers}
+    raw = [e for e in every if (e["layer"], e["kind"]) not in spatial]
     assert raw and all(_decimals_ok(e["data"]) for e in every)
     for entry in raw:
         assert np.asarray(entry["data"]).shape == tuple(entry["shape"])
