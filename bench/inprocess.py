@@ -15,6 +15,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import cycle, islice
 from typing import Any
@@ -28,7 +29,7 @@ from service.maps import MapOptions, build_result
 from service.pipeline import PredictItem, make_batch_handler
 from service.registry import discover
 from service.settings import Settings
-from service.worker import DeviceWorker, ModelRunner, resolve_device
+from service.worker import DeviceWorker, ModelRunner, resolve_device, use_one_thread
 
 __all__ = ["InProcessPipeline", "LoadedModel", "load_model"]
 
@@ -50,15 +51,12 @@ def load_model(
     *,
     device: str = "cpu",
     random_models: tuple[str, ...] = (),
-    threads: int | None = None,
 ) -> LoadedModel:
     """Discover `name` with the service's registry (zoo package or random weights) and load it.
 
-    Call it on the thread that will run the forward passes (as the server does on its device
-    thread): torch's OpenMP team, and `threads` if given, belong to the calling thread.
+    Call it on the thread that will run the forward passes, as the server does on its device
+    thread.
     """
-    if threads:
-        torch.set_num_threads(threads)
     config = Settings(models=[], random_models=list(random_models), device=device)
     sources = {source.name: source for source in discover(config)}
     if name not in sources:
@@ -69,6 +67,7 @@ def load_model(
         device=resolve_device(device),
         autocast=config.autocast,
         channels_last=config.channels_last,
+        trace=config.trace_models,
     )
     runner.warmup([1])
     return LoadedModel(name, runner, runner.model.data_config)
@@ -91,16 +90,19 @@ class InProcessPipeline:
         max_image_pixels: int = 40_000_000,
     ) -> None:
         self.max_pixels = max_image_pixels
-        self._worker = DeviceWorker(resolve_device(device))
-        self._loop = asyncio.new_event_loop()
-        load = self._worker.run(
-            load_model, name, device=device, random_models=random_models, threads=threads
+        self._worker = DeviceWorker(resolve_device(device), threads=threads)
+        self._cpu = ThreadPoolExecutor(
+            1, thread_name_prefix="inprocess-cpu", initializer=use_one_thread
         )
+        self._loop = asyncio.new_event_loop()
+        load = self._worker.run(load_model, name, device=device, random_models=random_models)
         self.model: LoadedModel = self._loop.run_until_complete(load)
+        self.threads = self._loop.run_until_complete(self._worker.run(torch.get_num_threads))
         self._handler = make_batch_handler(self._worker, self.model.runner)
 
     def close(self) -> None:
         """Stop the device thread and close the private event loop."""
+        self._cpu.shutdown()
         self._loop.close()
         self._worker.close()
 
@@ -135,7 +137,24 @@ class InProcessPipeline:
     ) -> dict[str, Any]:
         """Rounds of `batch_size` images (cycling through `images`) for about `budget_s` seconds,
         in `repeats` parts; the fastest part is the limit (the others were slowed by something
-        else on the machine), and every part's rate is kept as `repeat_rps`."""
+        else on the machine), and every part's rate is kept as `repeat_rps`.
+
+        The CPU stages run on a thread set up like the server's CPU pool (one intra-op
+        thread), so that the device thread's OpenMP team is the only one, as in the server."""
+        job = self._cpu.submit(
+            self._measure, images, batch_size, options, budget_s, repeats, min_rounds
+        )
+        return job.result()
+
+    def _measure(
+        self,
+        images: list[bytes],
+        batch_size: int,
+        options: MapOptions,
+        budget_s: float,
+        repeats: int,
+        min_rounds: int,
+    ) -> dict[str, Any]:
         batch_size = max(1, batch_size)
         source = cycle(images)
         self._round(list(islice(source, batch_size)), options)
@@ -167,6 +186,7 @@ class InProcessPipeline:
             rounds.append(stages)
             body_bytes += size
         summary = _summarise(rounds, batch_size, body_bytes, options)
+        summary["torch_threads"] = self.threads
         cpu_ms = 1000.0 * (time.process_time() - cpu_start) / summary["images"]
         summary["cpu_ms_per_image"] = round(cpu_ms, 4)
         return summary
@@ -192,5 +212,4 @@ def _summarise(
         "round_ms_median": round(1000.0 * statistics.median(totals), 4),
         "response_bytes_mean": body_bytes / images,
         "limit_rps": images / sum(totals),
-        "torch_threads": torch.get_num_threads(),
     }

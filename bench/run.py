@@ -194,6 +194,7 @@ def variant_groups(session: Session, args: argparse.Namespace, main: ServerProce
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All groups, in order, with the machine described before and after."""
     quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else machine_state()
+    machine = describe_machine(args.device)
     session = Session(args)
     models = session.describe_models([*args.models, *args.maps_models])
     started = time.monotonic()
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python", "-m", "bench.run", *args.argv]),
         "config": report.jsonable(vars(args)),
-        "machine": describe_machine(args.device),
+        "machine": machine,
         "machine_state": {"before": quiet, "after": machine_state()},
         "servers": session.servers,
         "models": models,

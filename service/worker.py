@@ -21,6 +21,7 @@ import torch
 
 from models import AttentionRecord, capture_attention, summary_map
 from service.errors import NotReady
+from service.graph import TracedForward, trace_forward
 
 __all__ = ["BatchOutput", "DeviceWorker", "ModelRunner", "resolve_device"]
 
@@ -58,18 +59,38 @@ def resolve_device(spec: str) -> torch.device:
     raise ValueError(f"unknown device {spec!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
-class DeviceWorker:
-    """One dedicated thread that runs all device work, so the event loop never blocks."""
+def use_one_thread() -> None:
+    """Make torch ops on the calling thread single-threaded (the CPU pool's initializer).
 
-    def __init__(self, device: torch.device) -> None:
+    With the OpenMP backend every thread that runs a parallel torch op starts its own team of
+    intra-op threads. A second team on a small machine oversubscribes the cores: libgomp then
+    lets idle team threads sleep at once instead of spinning, and every parallel region of the
+    forward pass pays a wake-up (measured: a batch-1 forward took about twice as long in the
+    server as in one thread, see README "Benchmarks"). Only the device thread gets a team.
+    """
+    torch.get_num_threads()  # the thread's lazy OpenMP set-up runs first, or it would undo this
+    torch.set_num_threads(1)
+
+
+class DeviceWorker:
+    """One dedicated thread that runs all device work, so the event loop never blocks.
+
+    `threads`: intra-op threads of that thread (None: the count torch chose for the process,
+    read when the worker is built, which follows OMP_NUM_THREADS).
+    """
+
+    def __init__(self, device: torch.device, threads: int | None = None) -> None:
         self.device = device
+        self.threads = threads or torch.get_num_threads()
         self._closed = False
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"device-{device}", initializer=self._init_thread
         )
 
     def _init_thread(self) -> None:
-        """Make the worker thread's current CUDA device the configured one."""
+        """Give the thread its intra-op threads and make its CUDA device the configured one."""
+        torch.get_num_threads()  # lazy per-thread OpenMP set-up first (see use_one_thread)
+        torch.set_num_threads(self.threads)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
 
@@ -124,7 +145,11 @@ class BatchOutput:
 
 
 class ModelRunner:
-    """One hosted model on the device: batch in, probabilities and attention out."""
+    """One hosted model on the device: batch in, probabilities and attention out.
+
+    `trace`: on the CPU without autocast, run the forward as frozen TorchScript traces (see
+    service.graph: no GIL during the forward); `self.traced` says whether that is in use.
+    """
 
     def __init__(
         self,
@@ -134,6 +159,7 @@ class ModelRunner:
         device: torch.device,
         autocast: str = "none",
         channels_last: bool = False,
+        trace: bool = False,
     ) -> None:
         if autocast not in _AUTOCAST_DTYPES:
             raise ValueError(
@@ -157,6 +183,13 @@ class ModelRunner:
         self.input_size: tuple[int, ...] | None = (
             None if data_config is None else tuple(data_config.input_size)
         )
+        self._graph: TracedForward | None = None
+        if trace and device.type == "cpu" and self._dtype is None and self.input_size:
+            self._graph = trace_forward(model, self.input_size)
+
+    @property
+    def traced(self) -> bool:
+        return self._graph is not None
 
     def forward(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
         """Classify a CPU batch (N, C, H, W); with `capture`, also return attention and summary."""
@@ -204,10 +237,15 @@ class ModelRunner:
         records: list[AttentionRecord] = []
         summary = None
         if capture:
-            with capture_attention(self.model, derived=True) as cap, self._autocast():
-                logits = self.model(x)
-            records = list(cap.records)
+            if self._graph is not None:
+                logits, records = self._graph.capture(x)
+            else:
+                with capture_attention(self.model, derived=True) as cap, self._autocast():
+                    logits = self.model(x)
+                records = list(cap.records)
             summary = summary_map(records, size=(int(x.shape[-2]), int(x.shape[-1])))
+        elif self._graph is not None:
+            logits = self._graph.plain(x)
         else:
             with self._autocast():
                 logits = self.model(x)

@@ -67,6 +67,7 @@ def _check_row(row: dict) -> None:
     limit = row["limit"]
     assert limit["batch_size"] == max(1, round(row["batch"]["mean"]))
     assert limit["limit_rps"] > 0 and limit["rounds"] >= 3
+    assert limit["torch_threads"] == 1  # --torch-threads 1 reached the in-process device thread
     assert len(limit["repeat_rps"]) == 3 and max(limit["repeat_rps"]) == round(
         limit["limit_rps"], 2
     )

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,7 +14,14 @@ from torch import nn
 
 from models import create_model
 from service.errors import NotReady
-from service.worker import BatchOutput, DeviceWorker, ModelRunner, host_copy, resolve_device
+from service.worker import (
+    BatchOutput,
+    DeviceWorker,
+    ModelRunner,
+    host_copy,
+    resolve_device,
+    use_one_thread,
+)
 
 CPU = torch.device("cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -190,6 +198,23 @@ async def test_device_worker_uses_one_dedicated_thread(runner: ModelRunner) -> N
         worker.close()
     with pytest.raises(NotReady):
         await worker.run(threading.get_ident)
+
+
+async def test_only_the_device_thread_has_intra_op_threads() -> None:
+    """The CPU pool runs torch single-threaded; the device thread keeps its own count, even
+    when it starts after a pool thread changed the count that new threads inherit."""
+    default = torch.get_num_threads()
+    with ThreadPoolExecutor(2, initializer=use_one_thread) as pool:
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(4))) == {1}
+        worker, pinned = DeviceWorker(CPU), DeviceWorker(CPU, threads=3)
+        try:
+            assert worker.threads == default
+            assert await worker.run(torch.get_num_threads) == default
+            assert await pinned.run(torch.get_num_threads) == 3
+        finally:
+            worker.close()
+            pinned.close()
+    assert torch.get_num_threads() == default  # the calling thread is left alone
 
 
 @pytest.mark.gpu
