@@ -259,6 +259,7 @@ class ModelRegistry:
             device=worker.device,
             autocast=settings.autocast,
             channels_last=settings.channels_last,
+            trace=settings.trace_models,
         )
         await worker.run(runner.warmup, sizes)
         hosted.sites = [

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     autocast: Literal["none", "fp16", "bf16"] = "none"
     channels_last: bool = False
+    trace_models: bool = Field(
+        default=True,
+        description="On the CPU without autocast, run models as frozen TorchScript traces "
+        "(the forward then needs no GIL); false runs them eagerly.",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(default=256, ge=1, le=100_000)
