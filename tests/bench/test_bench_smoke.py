@@ -122,3 +122,19 @@ def test_smoke_run_writes_sane_results(tmp_path: Path) -> None:
     assert "| target |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "machine.json").read_text())["machine"]["cpu_model"]
+
+
+def test_gil_comparison_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m bench.gil` measures all four cases (tiny batch, one round: no timing claims)."""
+    import bench.gil
+
+    monkeypatch.setattr(bench.gil, "BATCH", 2)
+    monkeypatch.setattr(bench.gil, "ROUNDS", 1)
+    results = bench.gil._measure("digits-none")
+    assert set(results) == {
+        "eager alone",
+        "traced alone",
+        "eager + GIL-busy thread",
+        "traced + GIL-busy thread",
+    }
+    assert all(ms > 0 for ms in results.values())

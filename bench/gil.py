@@ -1,0 +1,74 @@
+"""`python -m bench.gil [MODEL]`: a batch-32 forward, eager vs TorchScript trace, with and
+without another thread holding the GIL (what the event loop does in a busy server).
+
+Prints the median milliseconds per forward of each of the four cases. It shows why the
+service runs CPU models as traces (service/graph.py): the eager forward needs the GIL between
+ops, the trace does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+from bench.inprocess import load_model
+from service.worker import DeviceWorker, ModelRunner
+
+BATCH = 32
+ROUNDS = 15
+
+
+def _median_ms(runner: ModelRunner, batch: torch.Tensor) -> float:
+    runner.forward(batch, True)
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        runner.forward(batch, True)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def _measure(name: str) -> dict[str, float]:
+    loaded = load_model(name)
+    model = loaded.runner.model
+    device = torch.device("cpu")
+    runners = {
+        "eager": ModelRunner(name, model, device=device),
+        "traced": ModelRunner(name, model, device=device, trace=True),
+    }
+    batch = torch.rand((BATCH, *loaded.data_config.input_size))
+    results = {f"{k} alone": _median_ms(r, batch) for k, r in runners.items()}
+    stop = threading.Event()
+
+    def hold_gil() -> None:  # pure Python work, like request parsing on the event loop
+        while not stop.is_set():
+            sum(range(500))
+
+    holder = threading.Thread(target=hold_gil)
+    holder.start()
+    try:
+        results |= {f"{k} + GIL-busy thread": _median_ms(r, batch) for k, r in runners.items()}
+    finally:
+        stop.set()
+        holder.join()
+    return results
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "digits-cbam"
+    worker = DeviceWorker(torch.device("cpu"))  # the forward runs on a device thread, as served
+    try:
+        results = asyncio.run(worker.run(_measure, name))
+    finally:
+        worker.close()
+    for case, ms in results.items():
+        print(f"{name} batch {BATCH} {case:>24}: {ms:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
