@@ -48,7 +48,12 @@ class _Item:
 
 
 class Batcher(Generic[T, R]):
-    """Groups concurrent `submit` calls into batches for `handler`, one batch at a time."""
+    """Groups concurrent `submit` calls into batches for `handler`.
+
+    `max_concurrent_batches`: how many batches may be in the handler at once (one per device
+    worker instance). The next batch is collected only when a slot is free, so items queue up
+    while every instance is busy and the next batch is as full as it can be.
+    """
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class Batcher(Generic[T, R]):
         max_batch_delay_s: float = 0.0,
         max_queue_size: int = 256,
         observer: BatchObserver | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -66,10 +72,15 @@ class Batcher(Generic[T, R]):
             raise ValueError(f"max_batch_delay_s must be >= 0, got {max_batch_delay_s}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._running: dict[asyncio.Task[None], list[_Item]] = {}
         self._handler = handler
         self._observer = observer
         self._queue: deque[_Item] = deque()
@@ -155,27 +166,53 @@ class Batcher(Generic[T, R]):
             ) from None
 
     async def _loop(self) -> None:
-        """Serve batches until stopped; exceptions fail one batch, never the loop."""
-        while True:
-            await self._wait_for_items()
-            if not self._queue:
-                return
-            batch: list[_Item] = []
-            try:
+        """Collect batches and hand each to its own task until stopped and drained.
+
+        Exceptions fail one batch, never the loop. Cancelling the loop (stop's timeout) fails the
+        queued items and the running batches with BatcherStopped.
+        """
+        try:
+            while True:
+                await self._slots.acquire()
+                await self._wait_for_items()
+                if not self._queue:
+                    self._slots.release()
+                    break
                 batch = await self._collect()
-                if batch:
-                    await self._run(batch)
-            except asyncio.CancelledError:
-                if self._task is not None and self._task.cancelling():
-                    stopped = BatcherStopped(f"model {self.name!r} is shutting down")
-                    self._fail(batch, stopped)
-                    self._fail_queued(stopped)
-                    raise
-                logger.error("batcher %s: handler was cancelled", self.name)
-                self._fail(batch, RuntimeError(f"handler of model {self.name!r} was cancelled"))
-            except Exception as exc:
-                logger.exception("batcher %s: batch of %d failed", self.name, len(batch))
-                self._fail(batch, exc)
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._serve(batch))
+                self._running[task] = batch
+                task.add_done_callback(self._batch_done)
+            if self._running:
+                await asyncio.wait(set(self._running))
+        except asyncio.CancelledError:
+            stopped = BatcherStopped(f"model {self.name!r} is shutting down")
+            for task, batch in list(self._running.items()):
+                task.cancel()
+                self._fail(batch, stopped)
+            self._fail_queued(stopped)
+            raise
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._slots.release()
+
+    async def _serve(self, batch: list[_Item]) -> None:
+        """Run one batch; whatever goes wrong fails that batch's items only."""
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self._fail(batch, BatcherStopped(f"model {self.name!r} is shutting down"))
+                raise
+            logger.error("batcher %s: handler was cancelled", self.name)
+            self._fail(batch, RuntimeError(f"handler of model {self.name!r} was cancelled"))
+        except Exception as exc:
+            logger.exception("batcher %s: batch of %d failed", self.name, len(batch))
+            self._fail(batch, exc)
 
     async def _wait_for_items(self) -> None:
         """Block until something is queued or stop() was called."""
@@ -272,7 +309,8 @@ class Batcher(Generic[T, R]):
     def _retry_after(self) -> int:
         """Whole seconds until the current queue is likely served (at least 1)."""
         batches = math.ceil(len(self._queue) / self.max_batch_size)
-        return max(1, math.ceil(batches * self._run_ema_s))
+        rounds = math.ceil(batches / self.max_concurrent_batches)
+        return max(1, math.ceil(rounds * self._run_ema_s))
 
     def _notify_depth(self) -> None:
         depth = len(self._queue)

@@ -22,49 +22,71 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import AttentionRecord, capture_attention
+from models import AttentionRecord, capture_attention, summary_map
 
 __all__ = ["TracedForward", "trace_forward"]
 
 logger = logging.getLogger(__name__)
 
 CHECK_ATOL = 1e-4  # probabilities and attention values: eager vs traced
+SUMMARY_ATOL = 1e-3  # the summary map, min-max normalised per image, amplifies rounding
+
+
+class _Plain(nn.Module):
+    """The model's forward followed by the softmax: logits never leave the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x).float(), dim=1)
 
 
 class _Capturing(nn.Module):
-    """The model under `capture_attention`: returns logits and every record's tensor."""
+    """The model under `capture_attention`: probabilities, every record's tensor and the
+    summary map (the last output, when the model has a spatial view)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.names: list[tuple[str, str, str, bool]] = []
+        self.has_summary = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         with capture_attention(self.model, derived=True) as cap:
-            logits = self.model(x)
+            probs = torch.softmax(self.model(x).float(), dim=1)
         self.names = [(r.site, r.block, r.kind, r.derived) for r in cap.records]
-        return logits, tuple(r.tensor for r in cap.records)
+        summary = summary_map(cap.records, size=(int(x.shape[-2]), int(x.shape[-1])))
+        self.has_summary = summary is not None
+        tensors = [r.tensor.float() for r in cap.records]
+        return probs, tuple(tensors if summary is None else [*tensors, summary])
 
 
 @dataclass
 class TracedForward:
-    """`plain(x)` -> logits; `capture(x)` -> (logits, records), like the eager capture."""
+    """`plain(x)` -> probabilities; `capture(x)` -> (probabilities, records, summary or None),
+    what the eager forward, softmax, `capture_attention` and `summary_map` give."""
 
     plain_graph: torch.jit.ScriptModule
     capture_graph: torch.jit.ScriptModule
     names: list[tuple[str, str, str, bool]]
+    has_summary: bool
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.plain_graph(x)
-        return logits
+        probs: torch.Tensor = self.plain_graph(x)
+        return probs
 
-    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, list[AttentionRecord]]:
-        logits, tensors = self.capture_graph(x)
+    def capture(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[AttentionRecord], torch.Tensor | None]:
+        probs, tensors = self.capture_graph(x)
+        summary = tensors[-1] if self.has_summary else None
         records = [
             AttentionRecord(site, block, kind, tensor, derived)
-            for (site, block, kind, derived), tensor in zip(self.names, tensors, strict=True)
+            for (site, block, kind, derived), tensor in zip(self.names, tensors, strict=False)
         ]
-        return logits, records
+        return probs, records, summary
 
 
 def _trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -87,8 +109,8 @@ def trace_forward(model: nn.Module, input_size: tuple[int, ...]) -> TracedForwar
     capturing = _Capturing(model)
     try:
         with torch.no_grad():
-            traced = TracedForward(_trace(model, example), _trace(capturing, example), [])
-            traced.names = list(capturing.names)
+            plain, capture = _trace(_Plain(model), example), _trace(capturing, example)
+            traced = TracedForward(plain, capture, capturing.names, capturing.has_summary)
             _check(model, traced, check)
     except Exception as exc:  # any failure means: serve this model eagerly
         logger.warning("model not traced, running it eagerly: %s", exc)
@@ -97,16 +119,22 @@ def trace_forward(model: nn.Module, input_size: tuple[int, ...]) -> TracedForwar
 
 
 def _check(model: nn.Module, traced: TracedForward, x: torch.Tensor) -> None:
-    """Raise ValueError unless the traces match eager on `x` (probabilities and records)."""
+    """Raise ValueError unless the traces match eager on `x` (probabilities, records, summary)."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     with torch.inference_mode():
         with capture_attention(model, derived=True) as cap:
             eager = torch.softmax(model(x).float(), dim=1)
-        plain = torch.softmax(traced.plain(x).float(), dim=1)
-        logits, records = traced.capture(x)
-        pairs = [(eager, plain), (eager, torch.softmax(logits.float(), dim=1))]
+        eager_summary = summary_map(cap.records, size=size)
+        probs, records, summary = traced.capture(x)
+        pairs = [(eager, traced.plain(x), CHECK_ATOL), (eager, probs, CHECK_ATOL)]
         if [(r.site, r.kind) for r in records] != [(r.site, r.kind) for r in cap.records]:
             raise ValueError("the traced capture records other sites than eager")
-        pairs += [(e.tensor, t.tensor) for e, t in zip(cap.records, records, strict=True)]
-    for expected, got in pairs:
-        if expected.shape != got.shape or not torch.allclose(expected, got, atol=CHECK_ATOL):
+        for want, got in zip(cap.records, records, strict=True):
+            pairs.append((want.tensor, got.tensor, CHECK_ATOL))
+        if (eager_summary is None) != (summary is None):
+            raise ValueError("the traced capture and eager disagree on having a summary map")
+        if eager_summary is not None and summary is not None:
+            pairs.append((eager_summary, summary, SUMMARY_ATOL))
+    for expected, got, atol in pairs:
+        if expected.shape != got.shape or not torch.allclose(expected, got, atol=atol):
             raise ValueError("the trace disagrees with eager at another batch size")

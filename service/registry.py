@@ -274,6 +274,7 @@ class ModelRegistry:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             observer=observer,
+            max_concurrent_batches=worker.instances,
         )
         hosted.batcher.start()
         hosted.status = "ready"

@@ -72,6 +72,14 @@ class Settings(BaseSettings):
         description="On the CPU without autocast, run models as frozen TorchScript traces "
         "(the forward then needs no GIL); false runs them eagerly.",
     )
+    instances: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Batches the device worker runs at once, each on its own thread; on the "
+        "CPU each gets an equal share of torch's threads. 0: 2 on a CPU with 2 or more cores, "
+        "1 on CUDA.",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(default=256, ge=1, le=100_000)

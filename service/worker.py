@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from models import AttentionRecord, capture_attention, summary_map
 from service.errors import NotReady
 from service.graph import TracedForward, trace_forward
 
-__all__ = ["BatchOutput", "DeviceWorker", "ModelRunner", "resolve_device"]
+__all__ = ["BatchOutput", "DeviceWorker", "ModelRunner", "default_instances", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,18 @@ def resolve_device(spec: str) -> torch.device:
     raise ValueError(f"unknown device {spec!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
+def default_instances(device: torch.device) -> int:
+    """Device threads when the setting is 0: two on a CPU with at least two cores, else one.
+
+    On the 2-core CPU box two single-threaded instances served 20-30 % more requests per
+    second at concurrency 64 than one instance with two intra-op threads (README "Benchmarks").
+    A CUDA device runs one stream of kernels at a time, so it keeps one instance.
+    """
+    if device.type == "cpu" and torch.get_num_threads() >= 2:
+        return 2
+    return 1
+
+
 def use_one_thread() -> None:
     """Make torch ops on the calling thread single-threaded (the CPU pool's initializer).
 
@@ -73,22 +86,35 @@ def use_one_thread() -> None:
 
 
 class DeviceWorker:
-    """One dedicated thread that runs all device work, so the event loop never blocks.
+    """Dedicated threads that run all device work, so the event loop never blocks.
 
-    `threads`: intra-op threads of that thread (None: the count torch chose for the process,
-    read when the worker is built, which follows OMP_NUM_THREADS).
+    `instances`: how many device threads, each running one batch at a time (Triton's instance
+    count). `threads`: intra-op threads of each (None: the count torch chose for the process,
+    which follows OMP_NUM_THREADS, divided among the instances).
+
+    Why more than one on a CPU: with one thread whose OpenMP team spans every core, each of the
+    forward's parallel regions waits for its slowest team thread, and in a server the event
+    loop and the CPU pool keep preempting one of them. Two single-threaded instances on two
+    cores never wait for each other; see README "Benchmarks" for the measurement.
     """
 
-    def __init__(self, device: torch.device, threads: int | None = None) -> None:
+    def __init__(
+        self, device: torch.device, threads: int | None = None, instances: int = 1
+    ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
         self.device = device
-        self.threads = threads or torch.get_num_threads()
+        self.instances = instances
+        self.threads = threads or max(1, torch.get_num_threads() // instances)
         self._closed = False
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"device-{device}", initializer=self._init_thread
+            max_workers=instances,
+            thread_name_prefix=f"device-{device}",
+            initializer=self._init_thread,
         )
 
     def _init_thread(self) -> None:
-        """Give the thread its intra-op threads and make its CUDA device the configured one."""
+        """Give a device thread its intra-op threads and make its CUDA device the configured one."""
         torch.get_num_threads()  # lazy per-thread OpenMP set-up first (see use_one_thread)
         torch.set_num_threads(self.threads)
         if self.device.type == "cuda" and self.device.index is not None:
@@ -183,6 +209,7 @@ class ModelRunner:
         self.input_size: tuple[int, ...] | None = (
             None if data_config is None else tuple(data_config.input_size)
         )
+        self._eager_lock = threading.Lock()
         self._graph: TracedForward | None = None
         if trace and device.type == "cpu" and self._dtype is None and self.input_size:
             self._graph = trace_forward(model, self.input_size)
@@ -234,26 +261,31 @@ class ModelRunner:
 
     def _forward_once(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
         x = self._to_device(batch)
+        if self._graph is not None:  # softmax and summary map are inside the graphs
+            if capture:
+                return BatchOutput(*self._graph.capture(x))
+            return BatchOutput(self._graph.plain(x), [], None)
         records: list[AttentionRecord] = []
         summary = None
-        if capture:
-            if self._graph is not None:
-                logits, records = self._graph.capture(x)
-            else:
+        # Capture hooks go on the shared module, and any forward of it would feed them: with
+        # several instances, eager forwards of one model take turns (traced ones do not).
+        with self._eager_lock:
+            if capture:
                 with capture_attention(self.model, derived=True) as cap, self._autocast():
                     logits = self.model(x)
                 records = list(cap.records)
+            else:
+                with self._autocast():
+                    logits = self.model(x)
+        if records:
             summary = summary_map(records, size=(int(x.shape[-2]), int(x.shape[-1])))
-        elif self._graph is not None:
-            logits = self._graph.plain(x)
-        else:
-            with self._autocast():
-                logits = self.model(x)
         probs = torch.softmax(logits.float(), dim=1)
         return _to_cpu(BatchOutput(probs, records, summary))
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         """One host-to-device copy: pinned memory and non_blocking on CUDA."""
+        if self.device.type == "cpu" and batch.device.type == "cpu" and not self.channels_last:
+            return batch  # no op call at all: each one would give the GIL back and wait for it
         if self.device.type == "cuda" and batch.device.type == "cpu":
             if not batch.is_pinned():
                 batch = batch.pin_memory()

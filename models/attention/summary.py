@@ -58,7 +58,7 @@ def summary_map(records: Iterable[AttentionRecord], size: tuple[int, int]) -> to
         raise ValueError(f"size must be two positive ints, got {size!r}")
     with torch.autocast(views[0].tensor.device.type, enabled=False):
         maps = [_site_map(v, (height, width)) for v in views]
-        if len({m.shape[0] for m in maps}) != 1:
+        if any(m.shape[0] != maps[0].shape[0] for m in maps):  # (sizes are tensors when traced)
             raise ValueError("records disagree on the batch size")
         mean = torch.stack(maps).mean(0)
         low = mean.amin((1, 2), keepdim=True)

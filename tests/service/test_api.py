@@ -360,6 +360,7 @@ async def test_not_ready_and_limits(broken_repository: Path, photo_files: dict) 
         max_image_pixels=250_000,
         max_images_per_request=2,
         cpu_threads=1,
+        instances=1,  # one device thread, which the test blocks
     )
     async with serve(settings, ready=False) as served:
         hold = threading.Event()
@@ -445,6 +446,7 @@ async def test_busy_worker(model_repository: Path, digits) -> None:
         max_batch_size=1,
         max_queue_size=1,
         request_timeout_s=1.5,
+        instances=1,  # one device thread, which the test blocks
     )
     async with serve(settings) as served:
         served.services.ready_check_timeout_s = 0.2
@@ -516,7 +518,12 @@ async def _disconnect_drops_request(served: Served, log: DepthLog, png: bytes) -
 
 @module_loop
 async def test_shutdown_drains_in_flight_requests(model_repository: Path, digits) -> None:
-    settings = Settings(model_repository=model_repository, models=["tiny-cbam"], max_batch_size=1)
+    settings = Settings(
+        model_repository=model_repository,
+        models=["tiny-cbam"],
+        max_batch_size=1,
+        instances=1,  # one device thread, which the test blocks
+    )
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://attnserve") as client:
@@ -526,17 +533,20 @@ async def test_shutdown_drains_in_flight_requests(model_repository: Path, digits
         await wait_loaded(served)
         hold = threading.Event()
         blocker = asyncio.ensure_future(served.services.worker.run(hold.wait))
-        log = DepthLog(served.services)
-        url = "/v1/models/tiny-cbam/predict"
-        in_flight = [
-            asyncio.ensure_future(client.post(url, **raw(d, "image/png"))) for _, d in digits[:3]
-        ]
-        await log.wait_for(2, submitted=3)  # one batch waits for the device, two are queued
-        stopping = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
-        await asyncio.sleep(0.05)
-        refused = await client.post(url, **raw(digits[4][1], "image/png"))
-        check_error(refused, 503, "shutting_down")
-        hold.set()
+        try:
+            log = DepthLog(served.services)
+            url = "/v1/models/tiny-cbam/predict"
+            in_flight = [
+                asyncio.ensure_future(client.post(url, **raw(d, "image/png")))
+                for _, d in digits[:3]
+            ]
+            await log.wait_for(2, submitted=3)  # one batch waits for the device, two are queued
+            stopping = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
+            await asyncio.sleep(0.05)
+            refused = await client.post(url, **raw(digits[4][1], "image/png"))
+            check_error(refused, 503, "shutting_down")
+        finally:
+            hold.set()  # a failed check must not leave the device thread blocked
         await blocker
         answers = await asyncio.gather(*in_flight)
         assert [a.status_code for a in answers] == [200, 200, 200]

@@ -292,3 +292,87 @@ async def test_submit_before_start_and_bad_settings() -> None:
     for bad in ({"max_batch_size": 0}, {"max_queue_size": 0}, {"max_batch_delay_s": -1.0}):
         with pytest.raises(ValueError):
             Batcher("m", Handler(), **bad)
+
+
+class Gates:
+    """A handler whose every batch waits on its own event (released one by one by the test)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        gate = asyncio.Event()
+        self.batches.append(list(items))
+        self.gates.append(gate)
+        await gate.wait()
+        return [x * 10 for x in items]
+
+
+async def test_concurrent_batches_up_to_the_slot_count(make) -> None:
+    handler = Gates()
+    batcher = make(handler, max_batch_size=2, max_concurrent_batches=2)
+    tasks = [asyncio.create_task(batcher.submit(0))]
+    await until(lambda: len(handler.batches) == 1)
+    tasks.append(asyncio.create_task(batcher.submit(1)))
+    await until(lambda: len(handler.batches) == 2)  # a second batch runs beside the first
+    tasks += [asyncio.create_task(batcher.submit(i)) for i in (2, 3, 4)]
+    await until(lambda: batcher.queue_depth == 3)
+    await asyncio.sleep(0.02)
+    assert len(handler.batches) == 2  # both slots busy: the rest waits in the queue
+    handler.gates[1].set()  # the second batch finishes first: its slot takes the next two
+    await until(lambda: len(handler.batches) == 3)
+    assert handler.batches[2] == [2, 3] and batcher.queue_depth == 1
+    assert tasks[1].done() and not tasks[0].done()
+    for gate in handler.gates:
+        gate.set()
+    await until(lambda: len(handler.batches) == 4)
+    handler.gates[3].set()
+    assert await asyncio.gather(*tasks) == [0, 10, 20, 30, 40]
+    assert handler.batches == [[0], [1], [2, 3], [4]]
+
+
+async def test_stop_drains_every_running_batch(make) -> None:
+    handler = Gates()
+    batcher = make(handler, max_batch_size=1, max_concurrent_batches=2)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+    await until(lambda: len(handler.batches) == 2)
+    stopping = asyncio.create_task(batcher.stop(drain=True, timeout=5.0))
+    await asyncio.sleep(0.02)
+    assert not stopping.done()
+    for _ in range(3):
+        for gate in handler.gates:
+            gate.set()
+        await asyncio.sleep(0.01)
+    await stopping
+    assert await asyncio.gather(*tasks) == [0, 10, 20]
+    assert not batcher.alive
+
+
+async def test_stop_timeout_fails_every_running_batch(make) -> None:
+    handler = Gates()
+    batcher = make(handler, max_batch_size=1, max_concurrent_batches=2)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+    await until(lambda: len(handler.batches) == 2)
+    await batcher.stop(drain=True, timeout=0.05)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, BatcherStopped) for r in results)
+    assert not batcher.alive
+
+
+async def test_a_failing_batch_leaves_the_other_running(make) -> None:
+    async def handler(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.02 if items[0] else 0.0)
+        if items[0] == 0:
+            raise RuntimeError("boom")
+        return [x * 10 for x in items]
+
+    batcher = make(handler, max_batch_size=1, max_concurrent_batches=2)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError) and results[1:] == [10, 20, 30]
+    assert await batcher.submit(5) == 50 and batcher.running
+
+
+def test_max_concurrent_batches_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        Batcher("m", Handler(), max_concurrent_batches=0)

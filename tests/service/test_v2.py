@@ -36,7 +36,9 @@ LENGTH = "Inference-Header-Content-Length"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(model_repository: Path) -> AsyncIterator[Served]:
-    settings = Settings(model_repository=model_repository, max_batch_size=4, cpu_threads=2)
+    settings = Settings(
+        model_repository=model_repository, max_batch_size=4, cpu_threads=2, instances=1
+    )  # one device thread: tests block it to hold batches
     async with serve(settings) as running:
         yield running
 
@@ -462,6 +464,7 @@ async def limited(model_repository: Path) -> AsyncIterator[Served]:
         max_queue_size=1,
         request_timeout_s=1.0,
         cpu_threads=1,
+        instances=1,  # one device thread, which the tests block
     )
     async with serve(settings, ready=False) as running:
         yield running

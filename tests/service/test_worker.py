@@ -18,6 +18,7 @@ from service.worker import (
     BatchOutput,
     DeviceWorker,
     ModelRunner,
+    default_instances,
     host_copy,
     resolve_device,
     use_one_thread,
@@ -215,6 +216,42 @@ async def test_only_the_device_thread_has_intra_op_threads() -> None:
             worker.close()
             pinned.close()
     assert torch.get_num_threads() == default  # the calling thread is left alone
+
+
+async def test_instances_run_batches_side_by_side(runner: ModelRunner) -> None:
+    """Two instances: two device threads, each with its share of the intra-op threads, running
+    two calls at the same time; eager forwards of one model still give their own records."""
+    worker = DeviceWorker(CPU, threads=1, instances=2)
+    both = threading.Barrier(2, timeout=5)
+
+    def meet() -> tuple[int, int]:
+        both.wait()  # returns only when the other call runs at the same time
+        return threading.get_ident(), torch.get_num_threads()
+
+    try:
+        first, second = await asyncio.gather(worker.run(meet), worker.run(meet))
+        assert first[0] != second[0] and first[1] == second[1] == 1
+        batches = [images(3, seed=s) for s in range(6)]
+        outs = await asyncio.gather(
+            *(worker.run(runner.forward, b, capture=i % 2 == 0) for i, b in enumerate(batches))
+        )
+        for i, (batch, out) in enumerate(zip(batches, outs, strict=True)):
+            assert_outputs_close(out, runner.forward(batch, capture=i % 2 == 0))
+    finally:
+        worker.close()
+    default = torch.get_num_threads()
+    split = DeviceWorker(CPU, instances=2)
+    try:
+        assert split.threads == max(1, default // 2)
+    finally:
+        split.close()
+    with pytest.raises(ValueError, match="instances"):
+        DeviceWorker(CPU, instances=0)
+
+
+def test_default_instances() -> None:
+    assert default_instances(CPU) == (2 if torch.get_num_threads() >= 2 else 1)
+    assert default_instances(torch.device("cuda", 0)) == 1
 
 
 @pytest.mark.gpu
