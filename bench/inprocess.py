@@ -7,12 +7,17 @@ and the route's `ORJSONResponse` encoding. The stages run one after another in o
 the sum is the work the server must do per request, minus everything HTTP adds. The budget is
 split in three parts and the fastest counts, so a burst of other load on a shared machine does
 not lower the limit.
+
+With `instances` > 1 the pipeline runs that many of those sequences side by side (one CPU thread
+each, feeding a device worker with as many instances), the in-process form of a server with
+several device instances; the limit is then their summed rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +34,13 @@ from service.maps import MapOptions, build_result
 from service.pipeline import PredictItem, make_batch_handler
 from service.registry import discover
 from service.settings import Settings
-from service.worker import DeviceWorker, ModelRunner, resolve_device, use_one_thread
+from service.worker import (
+    DeviceWorker,
+    ModelRunner,
+    keep_freed_memory,
+    resolve_device,
+    use_one_thread,
+)
 
 __all__ = ["InProcessPipeline", "LoadedModel", "load_model"]
 
@@ -76,8 +87,9 @@ def load_model(
 class InProcessPipeline:
     """Times the request pipeline of one model without the server; `close()` when done.
 
-    The model is built, warmed up and run on the pipeline's own `DeviceWorker` thread with
-    `threads` intra-op threads (None: torch's default), like the server's device thread.
+    The model is built, warmed up and run on the pipeline's own `DeviceWorker` with `instances`
+    device threads of `threads` intra-op threads each (None: torch's default divided among the
+    instances), like the server's device worker.
     """
 
     def __init__(
@@ -87,12 +99,16 @@ class InProcessPipeline:
         device: str = "cpu",
         random_models: tuple[str, ...] = (),
         threads: int | None = None,
+        instances: int = 1,
         max_image_pixels: int = 40_000_000,
     ) -> None:
         self.max_pixels = max_image_pixels
-        self._worker = DeviceWorker(resolve_device(device), threads=threads)
+        self.instances = instances
+        if resolve_device(device).type == "cpu":
+            keep_freed_memory()  # as the server does
+        self._worker = DeviceWorker(resolve_device(device), threads=threads, instances=instances)
         self._cpu = ThreadPoolExecutor(
-            1, thread_name_prefix="inprocess-cpu", initializer=use_one_thread
+            instances, thread_name_prefix="inprocess-cpu", initializer=use_one_thread
         )
         self._loop = asyncio.new_event_loop()
         load = self._worker.run(load_model, name, device=device, random_models=random_models)
@@ -106,7 +122,9 @@ class InProcessPipeline:
         self._loop.close()
         self._worker.close()
 
-    def _round(self, images: list[bytes], options: MapOptions) -> tuple[list[float], int]:
+    def _round(
+        self, images: list[bytes], options: MapOptions, loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[float], int]:
         """One batch through every stage: seconds per stage and the encoded bytes."""
         config = self.model.data_config
         t0 = time.perf_counter()
@@ -114,7 +132,7 @@ class InProcessPipeline:
         t1 = time.perf_counter()
         capture = options.maps != "none"
         items = [PredictItem(p.tensor, capture) for p in prepared]
-        outputs = self._loop.run_until_complete(self._handler(items))
+        outputs = loop.run_until_complete(self._handler(items))
         t2 = time.perf_counter()
         results = [
             build_result(o.probs, o.records, o.summary, p.geometry, config.labels, options)
@@ -139,12 +157,32 @@ class InProcessPipeline:
         in `repeats` parts; the fastest part is the limit (the others were slowed by something
         else on the machine), and every part's rate is kept as `repeat_rps`.
 
-        The CPU stages run on a thread set up like the server's CPU pool (one intra-op
-        thread), so that the device thread's OpenMP team is the only one, as in the server."""
-        job = self._cpu.submit(
-            self._measure, images, batch_size, options, budget_s, repeats, min_rounds
-        )
-        return job.result()
+        The CPU stages run on threads set up like the server's CPU pool (one intra-op thread),
+        so that the device threads' OpenMP teams are the only ones, as in the server. With
+        several instances, one sequence per instance runs at the same time and each part's
+        rate is their sum."""
+        start = threading.Barrier(self.instances, action=self._mark)
+        self._marks: list[tuple[float, float]] = []  # (wall, process CPU) at each part's edge
+        jobs = [
+            self._cpu.submit(
+                self._measure, images[k:] + images[:k], batch_size, options, budget_s,
+                repeats, min_rounds, start,
+            )
+            for k in range(self.instances)
+        ]  # fmt: skip
+        per_instance = [job.result() for job in jobs]
+        parts = [_combine(list(part)) for part in zip(*per_instance, strict=True)]
+        for i, part in enumerate(parts):  # process CPU over each part, all instances together
+            (t0, cpu0), (t1, cpu1) = self._marks[i], self._marks[i + 1]
+            part["cpu_ms_per_image"] = round(1000.0 * (cpu1 - cpu0) / part["images"], 4)
+            part["cpu_cores"] = round((cpu1 - cpu0) / (t1 - t0), 3)
+        best = max(parts, key=lambda part: part["limit_rps"])
+        best["repeat_rps"] = [round(part["limit_rps"], 2) for part in parts]
+        best["instances"] = self.instances
+        return best
+
+    def _mark(self) -> None:
+        self._marks.append((time.perf_counter(), time.process_time()))
 
     def _measure(
         self,
@@ -154,17 +192,23 @@ class InProcessPipeline:
         budget_s: float,
         repeats: int,
         min_rounds: int,
-    ) -> dict[str, Any]:
+        start: threading.Barrier,
+    ) -> list[dict[str, Any]]:
         batch_size = max(1, batch_size)
         source = cycle(images)
-        self._round(list(islice(source, batch_size)), options)
-        parts = [
-            self._timed(source, batch_size, options, budget_s / repeats, min_rounds)
-            for _ in range(max(1, repeats))
-        ]
-        best = max(parts, key=lambda part: part["limit_rps"])
-        best["repeat_rps"] = [round(part["limit_rps"], 2) for part in parts]
-        return best
+        loop = asyncio.new_event_loop()  # each CPU thread awaits its device calls on its own loop
+        try:
+            self._round(list(islice(source, batch_size)), options, loop)
+            parts = []
+            for _ in range(max(1, repeats)):
+                start.wait()
+                parts.append(
+                    self._timed(source, batch_size, options, budget_s / repeats, min_rounds, loop)
+                )
+            start.wait()  # every instance finished the last part
+            return parts
+        finally:
+            loop.close()
 
     def _timed(
         self,
@@ -173,23 +217,44 @@ class InProcessPipeline:
         options: MapOptions,
         budget_s: float,
         min_rounds: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> dict[str, Any]:
-        """Rounds for `budget_s` seconds (at least `min_rounds`), summarised with CPU time."""
+        """Rounds for `budget_s` seconds (at least `min_rounds`), summarised."""
         rounds: list[list[float]] = []
         body_bytes = 0
-        cpu_start = time.process_time()
         deadline = time.perf_counter() + budget_s
         while len(rounds) < MAX_ROUNDS and (
             len(rounds) < min_rounds or time.perf_counter() < deadline
         ):
-            stages, size = self._round(list(islice(source, batch_size)), options)
+            stages, size = self._round(list(islice(source, batch_size)), options, loop)
             rounds.append(stages)
             body_bytes += size
         summary = _summarise(rounds, batch_size, body_bytes, options)
         summary["torch_threads"] = self.threads
-        cpu_ms = 1000.0 * (time.process_time() - cpu_start) / summary["images"]
-        summary["cpu_ms_per_image"] = round(cpu_ms, 4)
         return summary
+
+
+def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One part measured by every instance at once: rates add up, per-image times average."""
+    if len(parts) == 1:
+        return parts[0]
+    combined = dict(parts[0])
+    images = sum(p["images"] for p in parts)
+    combined["rounds"] = sum(p["rounds"] for p in parts)
+    combined["images"] = images
+    combined["limit_rps"] = sum(p["limit_rps"] for p in parts)
+    combined["ms_per_image"] = {
+        stage: round(sum(p["ms_per_image"][stage] * p["images"] for p in parts) / images, 4)
+        for stage in parts[0]["ms_per_image"]
+    }
+    combined["forward_ms_per_batch"] = round(
+        sum(p["forward_ms_per_batch"] * p["rounds"] for p in parts) / combined["rounds"], 4
+    )
+    combined["round_ms_median"] = round(statistics.median(p["round_ms_median"] for p in parts), 4)
+    combined["response_bytes_mean"] = (
+        sum(p["response_bytes_mean"] * p["images"] for p in parts) / images
+    )
+    return combined
 
 
 def _summarise(

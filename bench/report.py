@@ -65,7 +65,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             targets.append(_target(name, [sat], sat["limit_ratio"], SATURATION_RATIO, True))
         one = _find(rows, group="sweep", model=model, concurrency=1)
         if one:
-            overhead = one["latency_ms"]["p50"] - one["limit"]["round_ms_median"]
+            limit = one["limit"]
+            overhead = one["latency_ms"]["p50"] - limit.get(
+                "fastest_round_ms", limit["round_ms_median"]
+            )
             name = "c=1 p50 minus in-process single-image time (ms)"
             targets.append(_target(name, [one], overhead, C1_OVERHEAD_MS, False))
     for model in dict.fromkeys(r["model"] for r in rows if r["group"] == "maps"):
@@ -109,21 +112,22 @@ def _load(row: dict[str, Any]) -> str:
 
 def _steps_table(steps: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| group | model | load | maps | inputs | delay ms | threads | req/s | p50 ms | p95 ms "
-        "| p99 ms | err/drop | mean batch | server CPU | client CPU (share) | other CPU "
-        "| resp bytes | limit req/s | service/limit |",
+        "| group | model | load | maps | inputs | delay ms | instances | req/s | p50 ms "
+        "| p95 ms | p99 ms | err/drop | mean batch | server CPU | client CPU (share) "
+        "| other CPU | resp bytes | limit req/s (mode) | service/limit |",
         "|" + "---|" * 19,
     ]
     for r in steps:
         lat, cpu = r["latency_ms"], r["cpu"]
         lines.append(
             f"| {r['group']} | {r['model']} | {_load(r)} | {r['maps']} | {r['inputs']} "
-            f"| {r['delay_ms']:g} | {r['torch_threads'] or 'default'} "
+            f"| {r['delay_ms']:g} | {r.get('instances') or 'default'} "
             f"| {r['throughput_rps']:.1f} | {_ms(lat['p50'])} | {_ms(lat['p95'])} "
             f"| {_ms(lat['p99'])} | {r['error_count']}/{r['drops']} | {r['batch']['mean']:.2f} "
             f"| {cpu['server_cores']:.2f} | {cpu['client_cores']:.2f} ({cpu['client_share']:.0%}) "
             f"| {_other(_other_cores(r))} | {r['response_bytes_mean']:.0f} "
-            f"| {r['limit']['limit_rps']:.1f} | {r['limit_ratio']:.0%} |"
+            f"| {r['limit']['limit_rps']:.1f} ({r['limit'].get('mode', '1x')}) "
+            f"| {r['limit_ratio']:.0%} |"
         )
     return lines
 
@@ -222,18 +226,18 @@ def _sweep_panels(axes: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _variant_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
-    """p50 and throughput against concurrency: batch delays and thread counts on one model."""
+    """p50 and throughput against concurrency: batch delays and instance counts on one model."""
     model = next((r["model"] for r in rows if r["group"] == "variants"), None)
-    found = {(r["delay_ms"], r["torch_threads"]) for r in rows if r["group"] == "variants"}
+    found = {(r["delay_ms"], r.get("instances", 0)) for r in rows if r["group"] == "variants"}
     if not found:
-        ax.set_title("delay / thread variants: not run")
+        ax.set_title("delay / instance variants: not run")
         return
     twin = ax.twinx()
-    for i, (delay, threads) in enumerate(sorted(found, key=str)):
-        match = {"group": "variants", "delay_ms": delay, "torch_threads": threads}
+    for i, (delay, instances) in enumerate(sorted(found, key=str)):
+        match = {"group": "variants", "delay_ms": delay, "instances": instances}
         xs, picked = _series(rows, "concurrency", **match)
         label = f"delay {delay:g} ms, " + (
-            f"{threads} torch thread(s)" if threads else "default threads"
+            f"{instances} instance(s)" if instances else "default instances"
         )
         ax.plot(xs, [r["latency_ms"]["p50"] for r in picked], "o-", color=f"C{i}", label=label)
         twin.plot(xs, [r["throughput_rps"] for r in picked], "s--", color=f"C{i}", alpha=0.6)

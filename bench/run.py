@@ -26,7 +26,7 @@ from bench.session import Session, Step
 
 __all__ = ["main"]
 
-GROUPS = ("sweep", "maps", "inputs", "open", "delay", "threads")
+GROUPS = ("sweep", "maps", "inputs", "open", "delay", "instances")
 # CBAM (genuine channel and spatial gates) and CoordAtt (the largest maps=all answers).
 MAPS_MODELS = ("digits-cbam", "digits-coordatt")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -79,7 +79,8 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="cbam", help="block for --arch")
     p.add_argument("--input-size", type=int, help="send images resized to N x N")
     p.add_argument("--torch-threads", type=int, help="intra-op threads, server and in-process")
-    p.add_argument("--compare-threads", type=int, default=1, help="threads group: this count")
+    p.add_argument("--instances", type=int, default=0, help="ATTNSERVE_INSTANCES (0: default)")
+    p.add_argument("--compare-instances", type=int, default=1, help="instances group: this count")
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server")
     p.add_argument("--server-root", type=Path, help="run `-m service` from this checkout")
 
@@ -110,7 +111,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def server_settings(args: argparse.Namespace, models: Sequence[str], delay_ms: float) -> dict:
+def server_settings(
+    args: argparse.Namespace, models: Sequence[str], delay_ms: float, instances: int
+) -> dict:
     """ATTNSERVE_* settings (without the prefix) for a server hosting `models`."""
     zoo = list(dict.fromkeys(m for m in models if not m.endswith("-random")))
     zoo = zoo or Session.zoo_names()[:1]
@@ -119,30 +122,36 @@ def server_settings(args: argparse.Namespace, models: Sequence[str], delay_ms: f
         "max_batch_delay_ms": str(delay_ms),
         "max_batch_size": str(args.max_batch_size),
         "device": args.device,
+        "instances": str(instances),
     }
     if args.random_models:
         settings["random_models"] = ",".join(args.random_models)
     return settings
 
 
-def _extra_env(args: argparse.Namespace, threads: int | None) -> dict[str, str]:
-    """--server-env pairs, plus OMP_NUM_THREADS (torch's intra-op pool) when threads are set."""
+def _extra_env(args: argparse.Namespace) -> dict[str, str]:
+    """--server-env pairs, plus OMP_NUM_THREADS (torch's intra-op pool) with --torch-threads."""
     env = {key: value for key, _, value in (item.partition("=") for item in args.server_env)}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     return env
 
 
-def start_server(args: argparse.Namespace, settings: dict, threads: int | None) -> ServerProcess:
+def start_server(args: argparse.Namespace, settings: dict) -> ServerProcess:
     """A server process (not yet started) for `settings`, from --server-root if given."""
     root = args.server_root or REPO_ROOT
-    return ServerProcess(settings, extra_env=_extra_env(args, threads), root=root)
+    return ServerProcess(settings, extra_env=_extra_env(args), root=root)
 
 
 def main_server_groups(session: Session, args: argparse.Namespace) -> None:
     """Everything that runs on the delay-0 server hosting all models."""
     top = max(args.concurrency)
-    base = {"inputs": args.inputs, "delay_ms": 0.0, "torch_threads": args.torch_threads}
+    base = {
+        "inputs": args.inputs,
+        "delay_ms": 0.0,
+        "torch_threads": args.torch_threads,
+        "instances": args.instances,
+    }
     if "sweep" in args.groups:
         for model in args.models:
             for c in args.concurrency:
@@ -167,27 +176,36 @@ def main_server_groups(session: Session, args: argparse.Namespace) -> None:
             session.open(Step("open", model, None, "summary", rate=rate, **base), args.arrival)
 
 
+def variant_specs(args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(max_batch_delay_ms, instances) of the variant servers beside the main one."""
+    specs = [(d, args.instances) for d in args.delays if d > 0] * ("delay" in args.groups)
+    if "instances" in args.groups and args.compare_instances != args.instances:
+        specs.append((0.0, args.compare_instances))
+    return specs
+
+
 def variant_groups(session: Session, args: argparse.Namespace, main: ServerProcess) -> None:
     """The first maps model on the main server (delay 0) and on one server per variant (each
-    max_batch_delay_ms > 0, the other thread count), steps interleaved so that load from other
-    processes on a shared machine hits every variant alike."""
+    max_batch_delay_ms > 0, the other instance count), steps interleaved so that load from
+    other processes on a shared machine hits every variant alike."""
     model = args.maps_models[0]
-    specs = [(d, args.torch_threads) for d in args.delays if d > 0] * ("delay" in args.groups)
-    if "threads" in args.groups and args.compare_threads != args.torch_threads:
-        specs.append((0.0, args.compare_threads))
+    specs = variant_specs(args)
     if not specs:
         return
     with contextlib.ExitStack() as stack:
-        servers = [(0.0, args.torch_threads, main)]
-        for delay, threads in specs:
-            settings = server_settings(args, [model], delay)
-            server = stack.enter_context(start_server(args, settings, threads))
+        servers = [(0.0, args.instances, main)]
+        for delay, instances in specs:
+            settings = server_settings(args, [model], delay, instances)
+            server = stack.enter_context(start_server(args, settings))
             session.register(server, settings)
-            servers.append((delay, threads, server))
+            servers.append((delay, instances, server))
         for c in args.concurrency:
-            for delay, threads, server in servers:
+            for delay, instances, server in servers:
                 session.use(server)
-                step = Step("variants", model, c, "summary", args.inputs, delay, None, threads)
+                step = Step(
+                    "variants", model, c, "summary", args.inputs, delay, None,
+                    args.torch_threads, instances,
+                )  # fmt: skip
                 session.closed(step)
 
 
@@ -199,10 +217,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = session.describe_models([*args.models, *args.maps_models])
     started = time.monotonic()
     try:
-        threads = [args.torch_threads] + [args.compare_threads] * ("threads" in args.groups)
-        session.prepare_pipelines([*args.models, *args.maps_models], threads)
-        settings = server_settings(args, args.models + args.maps_models, 0.0)
-        with start_server(args, settings, args.torch_threads) as server:
+        steps = [
+            Step("", "", None, torch_threads=args.torch_threads, instances=instances)
+            for instances in dict.fromkeys([args.instances, *(i for _, i in variant_specs(args))])
+        ]
+        session.prepare_pipelines([*args.models, *args.maps_models], steps)
+        settings = server_settings(args, args.models + args.maps_models, 0.0, args.instances)
+        with start_server(args, settings) as server:
             session.register(server, settings)
             main_server_groups(session, args)
             variant_groups(session, args, server)

@@ -67,7 +67,13 @@ def _check_row(row: dict) -> None:
     limit = row["limit"]
     assert limit["batch_size"] == max(1, round(row["batch"]["mean"]))
     assert limit["limit_rps"] > 0 and limit["rounds"] >= 3
-    assert limit["torch_threads"] == 1  # --torch-threads 1 reached the in-process device thread
+    # --torch-threads 2: one device thread with both, and when the server runs 2 instances
+    # also two side-by-side pipelines with one each; the faster is the limit.
+    assert set(limit["modes"]) == ({"1x2", "2x1"} if row["instances"] == 2 else {"1x2"})
+    assert limit["modes"][limit["mode"]] == max(limit["modes"].values())
+    assert limit["torch_threads"] == int(limit["mode"].split("x")[1])
+    assert limit["instances"] == int(limit["mode"].split("x")[0])
+    assert 0 < limit["fastest_round_ms"] <= limit["round_ms_median"]
     assert len(limit["repeat_rps"]) == 3 and max(limit["repeat_rps"]) == round(
         limit["limit_rps"], 2
     )
@@ -83,9 +89,10 @@ def test_smoke_run_writes_sane_results(tmp_path: Path) -> None:
     # Random weights (the --arch path used for GPU hosts), so the zoo's state does not matter.
     argv = ["--arch", "resnet_small", "--attention", "cbam", "--inputs", "digits"]
     argv += ["--concurrency", "1,4", "--duration", "1"]
-    argv += ["--warmup", "0.2", "--limit-seconds", "0.05", "--groups", "sweep,maps,open"]
-    argv += ["--maps-levels", "none,all", "--open-rates", "0.5", "--max-batch-size", "8"]
-    argv += ["--torch-threads", "1"]  # robust on a busy 2-core box (see bench/results)
+    argv += ["--warmup", "0.2", "--limit-seconds", "0.05"]
+    argv += ["--groups", "sweep,maps,open,instances", "--max-batch-size", "8"]
+    argv += ["--maps-levels", "none,all", "--open-rates", "0.5"]
+    argv += ["--torch-threads", "2", "--instances", "2", "--compare-instances", "1"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -104,12 +111,18 @@ def test_smoke_run_writes_sane_results(tmp_path: Path) -> None:
         ("maps", 1, "all"),
         ("maps", 4, "all"),
         ("open", None, "summary"),
+        ("variants", 1, "summary"),
+        ("variants", 1, "summary"),
+        ("variants", 4, "summary"),
+        ("variants", 4, "summary"),
     ]
+    assert [r["instances"] for r in steps[-4:]] == [2, 1, 2, 1]
+    assert [s["settings"]["instances"] for s in results["servers"]] == ["2", "1"]
     for row in steps:
         _check_row(row)
     by_maps = {r["maps"]: r["response_bytes_mean"] for r in steps if r["concurrency"] == 1}
     assert by_maps["none"] < by_maps["summary"] < by_maps["all"]
-    open_row = steps[-1]
+    open_row = steps[6]
     assert open_row["rate"] > 0 and open_row["offered_rps"] > 0 and open_row["arrival"]
 
     names = [t["target"] for t in results["targets"]]
