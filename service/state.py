@@ -19,7 +19,7 @@ from service.metrics import Metrics
 from service.pipeline import Predictor
 from service.registry import HostedModel, ModelRegistry, ModelSource
 from service.settings import Settings
-from service.worker import DeviceWorker, default_instances, use_one_thread
+from service.worker import DeviceWorker, default_instances, keep_freed_memory, use_one_thread
 
 __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
@@ -46,6 +46,8 @@ class Services:
 
     async def start(self) -> None:
         """Start the device worker and the CPU pool, then load the models in the background."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
         instances = self.settings.instances or default_instances(self.device)
         self.worker = DeviceWorker(self.device, instances=instances)
         threads = self.settings.cpu_threads
