@@ -7,6 +7,8 @@ queue depth are recorded where the batcher measures them. Names follow Prometheu
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,6 +32,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
         self.requests = Counter(
             "attnserve_requests_total",
@@ -77,20 +80,28 @@ class Metrics:
 
     def on_batch(self, name: str, size: int, queue_waits: list[float], run_seconds: float) -> None:
         """Record one batch: its size, each item's queue wait and the handler's duration."""
-        self.batch_size.labels(name).observe(size)
-        wait = self.queue_wait.labels(name)
+        self._child(self.batch_size, name).observe(size)
+        wait = self._child(self.queue_wait, name)
         for seconds in queue_waits:
             wait.observe(seconds)
-        self.inference_duration.labels(name).observe(run_seconds)
+        self._child(self.inference_duration, name).observe(run_seconds)
 
     def on_queue_depth(self, name: str, depth: int) -> None:
         """Track the number of queued images of model `name`."""
-        self.queue_depth.labels(name).set(depth)
+        self._child(self.queue_depth, name).set(depth)
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request and record its duration."""
-        self.requests.labels(model, route, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        self._child(self.requests, model, route, str(status)).inc()
+        self._child(self.request_duration, route).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (it takes a lock each time)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def set_device_memory(self, device: str, memory: dict[str, int]) -> None:
         """Update the device memory gauge from `DeviceWorker.memory_bytes()` (empty on CPU)."""

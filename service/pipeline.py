@@ -150,20 +150,23 @@ class Predictor:
     async def _predict(
         self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
     ) -> list[dict[str, Any]]:
-        config = [hosted.data_config]
-        several = len(images) > 1
-        prepared = await gather_all(
-            self._prepare(data, config, f"image {i}" if several else "")
-            for i, data in enumerate(images)
-        )
         capture = options.maps != "none"
+        if len(images) == 1:  # the common case, without the tasks that gather_all creates
+            (prepared,) = await self._prepare(images[0], [hosted.data_config], "")
+            item = PredictItem(prepared.tensor, capture)
+            out = await until_disconnect(receive, hosted.submit(item, self._timeout))
+            return [await self._cpu(self._result, hosted, out, prepared, options)]
+        config = [hosted.data_config]
+        prepared_all = await gather_all(
+            self._prepare(data, config, f"image {i}") for i, data in enumerate(images)
+        )
         submits = (
-            hosted.submit(PredictItem(p.tensor, capture), self._timeout) for (p,) in prepared
+            hosted.submit(PredictItem(p.tensor, capture), self._timeout) for (p,) in prepared_all
         )
         outputs = await until_disconnect(receive, gather_all(submits))
         return await gather_all(
             self._cpu(self._result, hosted, out, p, options)
-            for out, (p,) in zip(outputs, prepared, strict=True)
+            for out, (p,) in zip(outputs, prepared_all, strict=True)
         )
 
     async def compare(

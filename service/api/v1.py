@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
-from pydantic import ConfigDict
+from fastapi.exceptions import RequestValidationError
+from pydantic import ConfigDict, ValidationError
 
 from service.api.handlers import ORJSONResponse
 from service.api.inputs import (
@@ -26,10 +29,23 @@ __all__ = ["MODEL_SCOPE_KEY", "router"]
 router = APIRouter(prefix="/v1", tags=["v1"], default_response_class=ORJSONResponse)
 
 MODEL_SCOPE_KEY = "attnserve.model"
-Options = Annotated[PredictOptions, Query()]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+_OPTION_SCHEMAS = PredictOptions.model_json_schema()["properties"]
 _BODY_DOC: dict[str, Any] = {
+    # The options are read from the query string by `query_options` (validated once per
+    # distinct query string instead of by FastAPI's per-request parameter model), so they are
+    # documented here.
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": field.description,
+            "schema": _OPTION_SCHEMAS[name],
+        }
+        for name, field in PredictOptions.model_fields.items()
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -42,12 +58,27 @@ _BODY_DOC: dict[str, Any] = {
             JSON: {"schema": JsonPredictBody.model_json_schema()},
             **{kind: _BINARY for kind in ACCEPTED_CONTENT_TYPES if kind.startswith("image/")},
         },
-    }
+    },
 }
 
 
 class _StrictOptions(PredictOptions):
     model_config = ConfigDict(extra="forbid")
+
+
+def query_options(request: Request) -> PredictOptions:
+    """The options in the request's query string (other parameters ignored); 422 if invalid."""
+    return _parse_query(request.scope.get("query_string", b""))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_query(query_string: bytes) -> PredictOptions:
+    pairs = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    try:
+        return PredictOptions.model_validate(pairs)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
 
 
 def _merge(query: PredictOptions, body: dict[str, Any]) -> MapOptions:
@@ -81,32 +112,31 @@ async def list_models(services: ServicesDep) -> ORJSONResponse:
 
 
 @router.post("/models/{name}/predict", summary="Classify images", openapi_extra=_BODY_DOC)
-async def predict(
-    name: str, request: Request, options: Options, services: ServicesDep
-) -> ORJSONResponse:
+async def predict(name: str, request: Request) -> ORJSONResponse:
     """Predictions and attention maps for each image, from model `name`."""
-    return await _predict(request, services, services.registry.get(name), options)
+    services: Services = request.app.state.services
+    return await _predict(request, services, services.registry.get(name), query_options(request))
 
 
 @router.post("/predict", summary="Classify with a block's model", openapi_extra=_BODY_DOC)
 async def predict_by_block(
     attention: Annotated[str, Query(description="Attention block, e.g. cbam.")],
     request: Request,
-    options: Options,
     services: ServicesDep,
 ) -> ORJSONResponse:
     """Like /v1/models/{name}/predict, with the model chosen by its block (see block_routes)."""
-    return await _predict(request, services, services.registry.for_block(attention), options)
+    hosted = services.registry.for_block(attention)
+    return await _predict(request, services, hosted, query_options(request))
 
 
 @router.post("/compare", summary="One image through several models", openapi_extra=_BODY_DOC)
 async def compare(
     request: Request,
-    options: Options,
     services: ServicesDep,
     models: Annotated[str | None, Query(description="Comma-separated names; default all.")] = None,
 ) -> ORJSONResponse:
     """The same image through every served model (or `models`), results side by side."""
+    options = query_options(request)
     registry = services.registry
     names = [n.strip() for n in models.split(",") if n.strip()] if models else list(registry.models)
     hosted = [services.ready_model(registry.get(name)) for name in names]

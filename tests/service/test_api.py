@@ -83,6 +83,10 @@ async def test_live_ready_and_models(served: Served) -> None:
     assert docs.status_code == 200
     paths = (await served.client.get("/openapi.json")).json()["paths"]
     assert {"/v1/models", "/v1/models/{name}/predict", "/v1/predict", "/v1/compare"} <= set(paths)
+    for path in ("/v1/models/{name}/predict", "/v1/predict", "/v1/compare"):
+        query = {p["name"]: p for p in paths[path]["post"]["parameters"] if p["in"] == "query"}
+        assert {"top_k", "maps", "map_size", "map_format"} <= set(query), path
+        assert query["maps"]["schema"]["enum"] == ["none", "summary", "layers", "all"]
 
 
 @module_loop
