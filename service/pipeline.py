@@ -15,6 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import torch
 
 from models import AttentionRecord, DataConfig
@@ -142,20 +143,21 @@ class Predictor:
 
     async def predict(
         self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
-    ) -> list[dict[str, Any]]:
-        """One result per image from model `hosted`, in request order."""
+    ) -> list[orjson.Fragment]:
+        """One result per image from model `hosted`, in request order, already JSON-encoded
+        (in the CPU pool: a maps=all result is 100-200 KB, too much work for the event loop)."""
         with self._tracked():
             return await self._predict(hosted, images, options, receive)
 
     async def _predict(
         self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
-    ) -> list[dict[str, Any]]:
+    ) -> list[orjson.Fragment]:
         capture = options.maps != "none"
         if len(images) == 1:  # the common case, without the tasks that gather_all creates
             (prepared,) = await self._prepare(images[0], [hosted.data_config], "")
             item = PredictItem(prepared.tensor, capture)
             out = await until_disconnect(receive, hosted.submit(item, self._timeout))
-            return [await self._cpu(self._result, hosted, out, prepared, options)]
+            return [await self._cpu(self._encoded, hosted, out, prepared, options)]
         config = [hosted.data_config]
         prepared_all = await gather_all(
             self._prepare(data, config, f"image {i}") for i, data in enumerate(images)
@@ -165,7 +167,7 @@ class Predictor:
         )
         outputs = await until_disconnect(receive, gather_all(submits))
         return await gather_all(
-            self._cpu(self._result, hosted, out, p, options)
+            self._cpu(self._encoded, hosted, out, p, options)
             for out, (p,) in zip(outputs, prepared_all, strict=True)
         )
 
@@ -191,6 +193,13 @@ class Predictor:
             for m, out, p in zip(hosted, outputs, prepared, strict=True)
         )
         return [{"model": m.name, **r} for m, r in zip(hosted, results, strict=True)]
+
+    @staticmethod
+    def _encoded(
+        hosted: HostedModel, out: ItemOutput, prepared: Prepared, options: MapOptions
+    ) -> orjson.Fragment:
+        result = Predictor._result(hosted, out, prepared, options)
+        return orjson.Fragment(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
 
     @staticmethod
     def _result(

@@ -7,6 +7,7 @@ import io
 import math
 
 import numpy as np
+import orjson
 import pytest
 import torch
 from PIL import Image
@@ -79,7 +80,9 @@ def _outputs(block: str, photos: dict) -> tuple:
 
 
 def _decimals_ok(values: object) -> bool:
-    flat = np.ravel(np.asarray(values, dtype=np.float64))
+    """Whether the numbers, as the client reads them from the JSON, have at most 3 decimals."""
+    text = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
+    flat = np.ravel(np.asarray(orjson.loads(text), dtype=np.float64))
     return bool(np.all(np.abs(flat * 1000 - np.round(flat * 1000)) < 1e-6))
 
 
@@ -139,3 +142,19 @@ def test_png_colours_follow_the_values() -> None:
     )
     brightness = pixels.astype(float).sum(axis=2)[0]
     assert np.all(np.diff(brightness) > 0) and math.isclose(pixels[0, -1, 2], 37, abs_tol=1)
+
+
+def test_map_numbers_print_as_their_three_decimal_rounding() -> None:
+    """Map data is held as float32 where that is exact for 3 decimals; the JSON text is the
+    same as from float64 values rounded to 3 decimals, and large values stay float64."""
+    from service.maps import _encode
+
+    rng = np.random.default_rng(0)
+    for low, high in ((0.0, 1.0), (-16383.0, 16383.0), (1e5, 2e5)):
+        values = torch.from_numpy(rng.uniform(low, high, (64, 64)))
+        entry = _encode(values, "json", (0.0, 1.0))
+        expected = np.round(values.numpy(), 3) + 0.0
+        got = orjson.dumps(entry["data"], option=orjson.OPT_SERIALIZE_NUMPY)
+        assert got == orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY)
+        assert entry["data"].dtype == (np.float32 if high < 2**14 else np.float64)
+        assert orjson.loads(got) == expected.tolist()
