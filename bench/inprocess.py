@@ -87,9 +87,11 @@ def load_model(
 class InProcessPipeline:
     """Times the request pipeline of one model without the server; `close()` when done.
 
-    The model is built, warmed up and run on the pipeline's own `DeviceWorker` with `instances`
-    device threads of `threads` intra-op threads each (None: torch's default divided among the
-    instances), like the server's device worker.
+    The model is built, warmed up and run on a `DeviceWorker` with `instances` device threads
+    of `threads` intra-op threads each (None: torch's default divided among the instances),
+    like the server's device worker: its own, or `worker` when given (shared by the pipelines
+    of several models, as the server shares one; each extra OpenMP team in the process would
+    otherwise make libgomp stop spin-waiting and slow every parallel region).
     """
 
     def __init__(
@@ -101,12 +103,16 @@ class InProcessPipeline:
         threads: int | None = None,
         instances: int = 1,
         max_image_pixels: int = 40_000_000,
+        worker: DeviceWorker | None = None,
     ) -> None:
         self.max_pixels = max_image_pixels
-        self.instances = instances
         if resolve_device(device).type == "cpu":
             keep_freed_memory()  # as the server does
-        self._worker = DeviceWorker(resolve_device(device), threads=threads, instances=instances)
+        self._own_worker = worker is None
+        if worker is None:
+            worker = DeviceWorker(resolve_device(device), threads=threads, instances=instances)
+        self._worker = worker
+        self.instances = instances = worker.instances
         self._cpu = ThreadPoolExecutor(
             instances, thread_name_prefix="inprocess-cpu", initializer=use_one_thread
         )
@@ -117,10 +123,11 @@ class InProcessPipeline:
         self._handler = make_batch_handler(self._worker, self.model.runner)
 
     def close(self) -> None:
-        """Stop the device thread and close the private event loop."""
+        """Stop the CPU threads, the private event loop and the device worker if it is ours."""
         self._cpu.shutdown()
         self._loop.close()
-        self._worker.close()
+        if self._own_worker:
+            self._worker.close()
 
     def _round(
         self, images: list[bytes], options: MapOptions, loop: asyncio.AbstractEventLoop
