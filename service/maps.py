@@ -77,18 +77,24 @@ def map_grid(geometry: Geometry, map_size: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def to_original(grid_map: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Resample an (h, w) map on the model input grid onto the original image (zeros outside)."""
-    source = grid_map.float()[None, None]
-    sampled = F.grid_sample(source, grid, padding_mode="border", align_corners=False)[0, 0]
-    return torch.where(mask, sampled, torch.zeros_like(sampled))
+    """Resample an (h, w) map on the model input grid onto the original image (zeros outside).
+
+    Few op calls on purpose: in the CPU pool every torch op gives the GIL back and then waits
+    for it behind the event loop."""
+    source = grid_map if grid_map.dtype == torch.float32 else grid_map.float()
+    sampled = F.grid_sample(source[None, None], grid, padding_mode="border", align_corners=False)
+    return sampled[0, 0].mul_(mask)
 
 
 def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str, Any]]:
-    """The k most probable classes, highest first, probabilities rounded."""
-    values, indices = torch.topk(probs.float(), min(k, probs.numel()))
+    """The k most probable classes, highest first (ties: lower index first), rounded.
+
+    numpy, not torch.topk: no GIL hand-over in the CPU pool (see `to_original`)."""
+    values = np.asarray(probs.numpy(), dtype=np.float64)
+    indices = np.argsort(-values, kind="stable")[: min(k, values.size)]
     return [
-        {"label": labels[i], "index": i, "probability": round(float(p), PROB_DECIMALS)}
-        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        {"label": labels[i], "index": i, "probability": round(float(values[i]), PROB_DECIMALS)}
+        for i in indices.tolist()
     ]
 
 
@@ -100,7 +106,7 @@ def _encode(array: torch.Tensor, fmt: str, value_range: tuple[float, float]) -> 
     float32 where that prints the same text (every value below 2**14 in magnitude: the float32
     spacing there is under 0.001), which orjson writes about a quarter faster.
     """
-    values = array.double().numpy()
+    values = array.numpy().astype(np.float64)
     entry: dict[str, Any] = {"shape": list(values.shape)}
     if fmt == "png" and values.ndim == 2:
         entry["png"] = _png(values, value_range)
