@@ -3,9 +3,11 @@
 Why: an eager forward returns to Python between every op, so the device thread takes the GIL
 back a few hundred times per batch. In the server the event loop and the CPU pool hold the GIL
 much of the time, and every hand-over leaves the forward (and its idle OpenMP team) waiting. A
-traced graph runs the whole forward in C++ without the GIL. `python -m bench.gil` measures it:
-on the 2-core CPU box a batch of 32 through digits-cbam, while another thread kept the GIL
-busy, took 634 ms eager and 145 ms traced (34 ms and 31 ms alone); see README "Benchmarks".
+traced graph runs the whole forward in C++ without the GIL, the softmax and the summary map
+included (as eager ops after the graph they cost dozens of hand-overs per batch).
+`python -m bench.gil` measures it: on the 2-core CPU box a batch of 32 through digits-cbam on
+one intra-op thread, while another thread kept the GIL busy, took 983 ms eager and 71 ms
+traced (60 ms and 56 ms alone); see README "Benchmarks".
 
 The capture graph is traced through `capture_attention`, so the hooks' tensors (and derived
 views) become graph outputs; the records' names come from the same tracing run. `torch.jit.freeze`
