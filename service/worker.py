@@ -1,4 +1,4 @@
-"""The device worker: one thread owns the accelerator and runs every forward pass.
+"""The device worker: its instance threads own the accelerator and run every forward pass.
 
 `DeviceWorker` keeps torch off the event loop; `ModelRunner` does "batch in, results out" for one
 hosted model: one host-to-device copy, optional autocast, attention capture and summary map on the
@@ -106,7 +106,7 @@ def use_one_thread() -> None:
     intra-op threads. A second team on a small machine oversubscribes the cores: libgomp then
     lets idle team threads sleep at once instead of spinning, and every parallel region of the
     forward pass pays a wake-up (measured: a batch-1 forward took about twice as long in the
-    server as in one thread, see README "Benchmarks"). Only the device thread gets a team.
+    server as in one thread, see README "Benchmarks"). Only device threads get a team.
     """
     torch.get_num_threads()  # the thread's lazy OpenMP set-up runs first, or it would undo this
     torch.set_num_threads(1)
@@ -148,7 +148,7 @@ class DeviceWorker:
             torch.cuda.set_device(self.device)
 
     async def run(self, fn: Callable[..., V], *args: Any, **kwargs: Any) -> V:
-        """Run `fn(*args, **kwargs)` on the device thread and await its result."""
+        """Run `fn(*args, **kwargs)` on a device thread and await its result."""
         if self._closed:
             raise NotReady(f"device worker for {self.device} is closed")
         loop = asyncio.get_running_loop()
