@@ -120,7 +120,7 @@ class InProcessPipeline:
         load = self._worker.run(load_model, name, device=device, random_models=random_models)
         self.model: LoadedModel = self._loop.run_until_complete(load)
         self.threads = self._loop.run_until_complete(self._worker.run(torch.get_num_threads))
-        self._handler = make_batch_handler(self._worker, self.model.runner)
+        self._handler = make_batch_handler(self.model.runner)
 
     def close(self) -> None:
         """Stop the CPU threads, the private event loop and the device worker if it is ours."""
@@ -139,7 +139,7 @@ class InProcessPipeline:
         t1 = time.perf_counter()
         capture = options.maps != "none"
         items = [PredictItem(p.tensor, capture) for p in prepared]
-        outputs = loop.run_until_complete(self._handler(items))
+        outputs = loop.run_until_complete(self._worker.run(self._handler, items))
         t2 = time.perf_counter()
         results = [
             build_result(o.probs, o.records, o.summary, p.geometry, config.labels, options)

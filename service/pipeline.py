@@ -25,7 +25,7 @@ from service.maps import MapOptions, build_result
 
 if TYPE_CHECKING:
     from service.registry import HostedModel
-    from service.worker import BatchOutput, DeviceWorker, ModelRunner
+    from service.worker import BatchOutput, ModelRunner
 
 __all__ = ["ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
 
@@ -71,21 +71,16 @@ class ItemOutput:
         return None if summary is None else summary[self.index : self.index + 1]
 
 
-def make_batch_handler(
-    worker: DeviceWorker, runner: ModelRunner
-) -> Callable[[list[PredictItem]], Awaitable[list[ItemOutput]]]:
-    """The batcher's handler: stack and forward on the device thread, one view per item.
+def make_batch_handler(runner: ModelRunner) -> Callable[[list[PredictItem]], list[ItemOutput]]:
+    """The batcher's handler, run on a device thread: stack, forward, one view per item.
 
     Stacking runs on the device thread too: it is one memory copy that never waits behind
     queued decoding work, and the event loop runs no torch op (see worker.use_one_thread).
     """
 
-    def stack_forward(tensors: list[torch.Tensor], capture: bool) -> BatchOutput:
-        return runner.forward(torch.stack(tensors), capture)
-
-    async def handle(items: list[PredictItem]) -> list[ItemOutput]:
+    def handle(items: list[PredictItem]) -> list[ItemOutput]:
         capture = any(item.capture for item in items)
-        out = await worker.run(stack_forward, [item.tensor for item in items], capture)
+        out = runner.forward(torch.stack([item.tensor for item in items]), capture)
         return [ItemOutput(out, i) for i in range(len(items))]
 
     return handle

@@ -269,12 +269,13 @@ class ModelRegistry:
         hosted.config = cast(DataConfig, runner.model.data_config)
         hosted.batcher = Batcher(
             hosted.name,
-            make_batch_handler(worker, runner),
+            make_batch_handler(runner),
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             observer=observer,
             max_concurrent_batches=worker.instances,
+            executor=worker,
         )
         hosted.batcher.start()
         hosted.status = "ready"

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -135,6 +134,8 @@ class DeviceWorker:
         self.instances = instances
         self.threads = threads or max(1, torch.get_num_threads() // instances)
         self._closed = False
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
             max_workers=instances,
             thread_name_prefix=f"device-{device}",
@@ -148,12 +149,35 @@ class DeviceWorker:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
 
+    @property
+    def pending(self) -> int:
+        """Calls submitted but not started yet; a batcher's chain of batches yields to them."""
+        return self._pending
+
     async def run(self, fn: Callable[..., V], *args: Any, **kwargs: Any) -> V:
         """Run `fn(*args, **kwargs)` on a device thread and await its result."""
         if self._closed:
             raise NotReady(f"device worker for {self.device} is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        with self._pending_lock:
+            self._pending += 1
+        started = False
+
+        def call() -> V:
+            mark_taken()
+            return fn(*args, **kwargs)
+
+        def mark_taken() -> None:  # once per call: when a thread takes it or it is dropped
+            nonlocal started
+            with self._pending_lock:
+                if not started:
+                    started = True
+                    self._pending -= 1
+
+        try:
+            return await loop.run_in_executor(self._pool, call)
+        finally:
+            mark_taken()  # a call cancelled before any thread took it never runs
 
     async def check(self) -> bool:
         """Touch the device with a tiny op on the device thread; False when it fails."""

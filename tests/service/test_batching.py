@@ -1,10 +1,13 @@
-"""Dynamic batcher behaviour with plain asyncio: batch composition, limits, failures, shutdown."""
+"""Dynamic batcher behaviour with plain asyncio and threads: batch composition, limits, failures,
+shutdown, chains of batches on an executor thread."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -376,3 +379,166 @@ async def test_a_failing_batch_leaves_the_other_running(make) -> None:
 def test_max_concurrent_batches_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_concurrent_batches"):
         Batcher("m", Handler(), max_concurrent_batches=0)
+
+
+# A plain-function handler on an executor: the thread that ran a batch goes on with the next.
+
+
+class ThreadExecutor:
+    """A BatchExecutor on real threads that counts its calls and reports waiting ones."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self.pool = ThreadPoolExecutor(threads)
+        self.calls = 0
+        self.log: list[str] = []
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        return self._waiting
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.calls += 1
+        with self._lock:
+            self._waiting += 1
+
+        def call() -> Any:
+            with self._lock:
+                self._waiting -= 1
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+
+
+class SyncHandler:
+    """Records every batch and its thread; `gate` holds the thread until the test releases it."""
+
+    def __init__(self, log: list[str] | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.threads: set[int] = set()
+        self.log = log if log is not None else []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        self.threads.add(threading.get_ident())
+        self.log.append("batch")
+        self.entered.set()
+        assert self.gate.wait(5.0)
+        if 2 in items:
+            raise ValueError("bad item 2")
+        return [x * 10 for x in items]
+
+    async def hold_first(self, batcher: Batcher[Any, Any], item: Any) -> asyncio.Task[Any]:
+        self.gate.clear()
+        task = asyncio.create_task(batcher.submit(item))
+        await until(self.entered.is_set)
+        return task
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[ThreadExecutor]:
+    pool = ThreadExecutor()
+    yield pool
+    pool.pool.shutdown(wait=True)
+
+
+async def test_chain_runs_queued_batches_in_one_executor_call(make, executor) -> None:
+    handler = SyncHandler()
+    batcher = make(handler, max_batch_size=4, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in (1, 3, 4, 5, 6, 7, 8, 9)]
+    await until(lambda: batcher.queue_depth == 8)
+    handler.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*rest) == [10, 30, 40, 50, 60, 70, 80, 90]
+    assert handler.batches == [[0], [1, 3, 4, 5], [6, 7, 8, 9]]
+    assert executor.calls == 1 and len(handler.threads) == 1
+
+
+async def test_chain_yields_to_other_work_waiting_for_the_executor(make, executor) -> None:
+    handler = SyncHandler(executor.log)
+    batcher = make(handler, max_batch_size=4, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 3)]
+    await until(lambda: batcher.queue_depth == 2)
+    other = asyncio.create_task(executor.run(executor.log.append, "other"))
+    await until(lambda: executor.pending == 1)
+    handler.gate.set()
+    assert [await first, *await asyncio.gather(*queued)] == [0, 10, 30]
+    await other
+    assert executor.log == ["batch", "other", "batch"]
+    assert handler.batches == [[0], [1, 3]] and executor.calls == 3
+
+
+async def test_chain_leaves_a_filling_batch_to_the_delay_timer(make, executor) -> None:
+    handler = SyncHandler()
+    batcher = make(handler, max_batch_size=8, max_batch_delay_s=0.3, executor=executor)
+    handler.gate.clear()
+    first = asyncio.create_task(batcher.submit(0))
+    await until(handler.entered.is_set)
+    late = [asyncio.create_task(batcher.submit(1))]
+    await until(lambda: batcher.queue_depth == 1)
+    handler.gate.set()  # item 1 is not due yet: the chain ends, the loop collects it on time
+    await asyncio.sleep(0.05)
+    late.append(asyncio.create_task(batcher.submit(3)))
+    assert [await first, *await asyncio.gather(*late)] == [0, 10, 30]
+    assert handler.batches == [[0], [1, 3]] and executor.calls == 2
+
+
+async def test_chain_drops_expired_and_cancelled_items(make, executor) -> None:
+    handler = SyncHandler()
+    batcher = make(handler, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    expired = asyncio.create_task(batcher.submit(1, timeout=0.05))
+    gone = asyncio.create_task(batcher.submit(3))
+    kept = asyncio.create_task(batcher.submit(4))
+    await until(lambda: batcher.queue_depth == 3)
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    handler.gate.set()
+    assert await first == 0 and await kept == 40
+    assert handler.batches == [[0], [4]] and executor.calls == 1
+
+
+async def test_chain_error_fails_its_batch_and_the_chain_goes_on(make, executor) -> None:
+    handler = SyncHandler()
+    batcher = make(handler, max_batch_size=2, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    handler.gate.set()
+    results = await asyncio.gather(first, *tasks, return_exceptions=True)
+    assert results[0] == 0 and results[3] == 30
+    assert all(isinstance(r, ValueError) and "bad item 2" in str(r) for r in results[1:3])
+    assert handler.batches == [[0], [1, 2], [3]] and executor.calls == 1
+    assert await batcher.submit(5) == 50 and batcher.alive
+
+
+async def test_chain_drains_on_stop_and_fails_everything_on_timeout(make, executor) -> None:
+    handler = SyncHandler()
+    batcher = make(handler, max_batch_size=1, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 3)]
+    await until(lambda: batcher.queue_depth == 2)
+    stopping = asyncio.create_task(batcher.stop(drain=True, timeout=5.0))
+    handler.gate.set()
+    await stopping
+    assert [await first, *await asyncio.gather(*queued)] == [0, 10, 30]
+
+    handler = SyncHandler()
+    batcher = make(handler, max_batch_size=1, executor=executor)
+    first = await handler.hold_first(batcher, 0)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 3)]
+    await until(lambda: batcher.queue_depth == 2)
+    await batcher.stop(drain=True, timeout=0.05)
+    results = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(r, BatcherStopped) for r in results)
+    handler.gate.set()
+    await until(lambda: executor.pending == 0)
+    await asyncio.sleep(0.02)
+    assert handler.batches == [[0]] and not batcher.alive

@@ -204,6 +204,29 @@ async def test_device_worker_uses_one_dedicated_thread(runner: ModelRunner) -> N
         await worker.run(threading.get_ident)
 
 
+async def test_pending_counts_calls_waiting_for_a_device_thread() -> None:
+    worker = DeviceWorker(CPU)
+    gate = threading.Event()
+    try:
+        busy = asyncio.create_task(worker.run(gate.wait, 5.0))
+        await asyncio.sleep(0.05)
+        assert worker.pending == 0  # the running call is not waiting
+        waiting = [asyncio.create_task(worker.run(threading.get_ident)) for _ in range(2)]
+        dropped = asyncio.create_task(worker.run(threading.get_ident))
+        await asyncio.sleep(0.05)
+        assert worker.pending == 3
+        dropped.cancel()  # cancelled before a thread took it: no longer waiting
+        await asyncio.sleep(0.05)
+        assert worker.pending == 2
+        gate.set()
+        assert await busy is True
+        await asyncio.gather(*waiting)
+        assert worker.pending == 0
+    finally:
+        gate.set()
+        worker.close()
+
+
 async def test_only_the_device_thread_has_intra_op_threads() -> None:
     """The CPU pool runs torch single-threaded; the device thread keeps its own count, even
     when it starts after a pool thread changed the count that new threads inherit."""
