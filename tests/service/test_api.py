@@ -310,6 +310,9 @@ async def test_client_errors(served: Served, photo_files: dict, digits) -> None:
     many = [("i", (f"{i}.png", digit, "image/png")) for i in range(33)]
     check_error(await post(url, files=many), 413, "payload_too_large", "33 images", "32")
     check_error(await served.client.get("/v1/nothing"), 404, "not_found")
+    wrong_method = await served.client.get(url)  # the plain predict route keeps the 405
+    check_error(wrong_method, 405, "method_not_allowed")
+    assert "POST" in wrong_method.headers["allow"]
 
 
 @module_loop
