@@ -17,9 +17,9 @@ import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import api_router
+from service.api import api_router, fast_routes
 from service.api.handlers import ORJSONResponse, install_handlers
-from service.api.v1 import MODEL_SCOPE_KEY, fast_routes
+from service.api.v1 import MODEL_SCOPE_KEY
 from service.metrics import Metrics
 from service.registry import ConfigError, discover
 from service.settings import Settings
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_handlers(app)
-    app.router.routes[:0] = fast_routes  # matched first; see service/api/v1.py
+    app.router.routes[:0] = fast_routes  # matched first; see service/api/fast.py
     app.include_router(api_router)
     app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
     logger.info(

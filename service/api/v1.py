@@ -9,9 +9,8 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ConfigDict, ValidationError
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
+from service.api.fast import PlainRoute
 from service.api.handlers import ORJSONResponse
 from service.api.inputs import (
     ACCEPTED_CONTENT_TYPES,
@@ -127,22 +126,8 @@ async def _serve_predict(request: Request) -> ORJSONResponse:
     return await _predict(request, services, hosted, query_options(request))
 
 
-class _PlainRoute(Route):
-    """A Starlette route that puts itself in the scope as FastAPI's routes do (the request
-    metrics label requests by `scope["route"].path`)."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child_scope = super().matches(scope)
-        if match != Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
-
-
-# The busiest route as a plain Starlette route, mounted ahead of the routers (create_app): it
-# skips FastAPI's per-request parameter solving and response handling, which cost the event loop
-# about 0.2 ms per request at c=64 (README "Benchmarks"). Errors still go through the app's
-# exception handlers, and the metrics label is the same route template.
-fast_routes = [_PlainRoute("/v1/models/{name}/predict", _serve_predict, methods=["POST"])]
+# Served by a plain route ahead of the routers (service/api/fast.py).
+fast_routes = [PlainRoute("/v1/models/{name}/predict", _serve_predict, methods=["POST"])]
 
 
 @router.post("/predict", summary="Classify with a block's model", openapi_extra=_BODY_DOC)

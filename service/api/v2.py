@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from service.api.fast import PlainRoute
 from service.api.handlers import ORJSONResponse
 from service.api.v1 import MODEL_SCOPE_KEY
 from service.api.v2_codec import (
@@ -37,7 +38,7 @@ from service.pipeline import PredictItem, gather_all, until_disconnect
 from service.registry import HostedModel
 from service.state import Services, ServicesDep
 
-__all__ = ["router"]
+__all__ = ["fast_routes", "router"]
 
 router = APIRouter(prefix="/v2", tags=["v2"], default_response_class=ORJSONResponse)
 
@@ -108,7 +109,20 @@ async def infer(
     name: str, request: Request, services: ServicesDep, version: str | None = None
 ) -> Response:
     """Probabilities and attention maps for a batch of encoded images or model-ready tensors."""
-    return await _infer(request, services, _model(services, name, version))
+    # Documents the routes in OpenAPI; requests reach `_serve_infer` through `fast_routes`.
+    return await _serve_infer(request)
+
+
+async def _serve_infer(request: Request) -> Response:
+    services: Services = request.app.state.services
+    params = request.path_params
+    return await _infer(request, services, _model(services, params["name"], params.get("version")))
+
+
+fast_routes = [
+    PlainRoute("/v2/models/{name}/infer", _serve_infer, methods=["POST"]),
+    PlainRoute("/v2/models/{name}/versions/{version}/infer", _serve_infer, methods=["POST"]),
+]
 
 
 def _model(services: Services, name: str, version: str | None) -> HostedModel:

@@ -424,6 +424,8 @@ async def test_errors(served: Served, digits: list) -> None:
     check_error(await post("/v2/models/nope/infer", json=infer_request(good)), 404, "tiny-se")
     other_version = "/v2/models/tiny-se/versions/2/infer"
     check_error(await post(other_version, json=infer_request(good)), 404, "'2'")
+    versioned = await post("/v2/models/tiny-se/versions/1/infer", json=infer_request(good))
+    assert versioned.status_code == 200 and versioned.json()["model_version"] == "1"
     check_error(await get("/v2/models/nope"), 404, "nope")
     check_error(await get("/v2/models/tiny-se/versions/3"), 404, "'3'")
     check_error(await get("/v2/models/nope/ready"), 404)
