@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -77,6 +78,7 @@ def default_instances(device: torch.device, threads: int | None = None) -> int:
 
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_PR_SET_NAME = 15  # prctl option: set the calling thread's name
 _MALLOC_SETTINGS = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 256 * 2**20),
                     (_M_TOP_PAD, 64 * 2**20))  # fmt: skip
 
@@ -91,12 +93,27 @@ def keep_freed_memory() -> bool:
     spent about 9 % less CPU per request (bench, digits-cbam, 2-core box). Process-wide; the
     in-process benchmark limit calls it too.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
+
+
+def name_os_thread() -> None:
+    """Give the calling OS thread its Python thread's name (15 bytes at most), so that `top -H`,
+    py-spy and `python -m bench.threads` tell device, CPU pool and event loop threads apart."""
+    prctl = _libc_function("prctl")
+    if prctl is not None:
+        prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
+
+
+@functools.cache
+def _libc_function(name: str) -> Any:
+    """A C library function, or None where there is no such function (not glibc/Linux)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def use_one_thread() -> None:
@@ -110,6 +127,7 @@ def use_one_thread() -> None:
     """
     torch.get_num_threads()  # the thread's lazy OpenMP set-up runs first, or it would undo this
     torch.set_num_threads(1)
+    name_os_thread()
 
 
 class DeviceWorker:
@@ -146,6 +164,7 @@ class DeviceWorker:
         """Give a device thread its intra-op threads and make its CUDA device the configured one."""
         torch.get_num_threads()  # lazy per-thread OpenMP set-up first (see use_one_thread)
         torch.set_num_threads(self.threads)
+        name_os_thread()
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
 
