@@ -344,27 +344,27 @@ class Batcher(Generic[T, R]):
                 return
             if self._executor.pending:
                 return
-            current, expired = self._take_ready()
-            with self._lock:
-                batch[:] = current
+            current, expired = self._take_ready(batch)
             if current or expired:
                 loop.call_soon_threadsafe(self._taken, expired)
 
-    def _take_ready(self) -> tuple[list[_Item], list[_Item]]:
+    def _take_ready(self, running: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """The next batch if it may start now: without a delay, full, or its delay is over.
-        Otherwise nothing, and the event loop collects it when its slot frees."""
+        Otherwise nothing, and the event loop collects it when its slot frees. `running` is set
+        to the batch under the same lock, so a cancelling loop sees every taken item."""
         batch: list[_Item] = []
         expired: list[_Item] = []
         now = time.monotonic()
         with self._lock:
-            if (
+            due = not (
                 self._queue
                 and self.max_batch_delay_s > 0
                 and len(self._queue) < self.max_batch_size
                 and now < self._queue[0].enqueued + self.max_batch_delay_s
-            ):
-                return batch, expired
-            self._take_locked(batch, expired, now)
+            )
+            if due:
+                self._take_locked(batch, expired, now)
+            running[:] = batch
         return batch, expired
 
     def _taken(self, expired: list[_Item]) -> None:
