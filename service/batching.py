@@ -8,9 +8,9 @@ that item or that batch only. Imports neither torch nor FastAPI.
 
 The handler is either a coroutine function, or a plain function together with an `executor`
 (the device worker). In the second form the device thread that finished a batch takes the next
-one from the queue itself when it is ready, and only hands the results to the event loop; the
-loop's part (collect, create a task, submit to the executor) cost 7-9 ms of device idle time per
-batch on a busy 2-core server (README "Benchmarks").
+one from the queue itself when it is ready, and only hands the results to the event loop; on a
+busy server the loop's part (collect, create a task, submit to the executor) left the device
+idle for milliseconds between batches (README "Benchmarks").
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The inference routes as plain Starlette routes, mounted ahead of the FastAPI routers.
 
-FastAPI's per-request handling (parameter solving, response processing) cost the event loop
-about 0.2 ms per request at c=64, a tenth of the CPU of a whole digits request (README
-"Benchmarks"). The busiest routes (v1 predict, v2 infer) are therefore matched first by plain
-routes that call the same code; the FastAPI routes of the same paths stay for the OpenAPI
-document. Errors still go through the app's exception handlers, and the request metrics see the
-same route template.
+FastAPI's per-request handling (parameter solving, response processing) was about a third of
+the event loop's Python time per request at c=64 (README "Benchmarks"). The busiest routes (v1
+predict, v2 infer) are therefore matched first by plain routes that call the same code; the
+FastAPI routes of the same paths stay for the OpenAPI document. Errors still go through the
+app's exception handlers, and the request metrics see the same route template.
 """
 
 from __future__ import annotations
