@@ -66,9 +66,9 @@ def default_instances(device: torch.device, threads: int | None = None) -> int:
     """Device threads when the setting is 0: two on a CPU with at least two intra-op threads
     to share (`threads`, default torch's count), else one.
 
-    On the 2-core CPU box two single-threaded instances served about 20 % more requests per
-    second at concurrency 64 than one instance with two intra-op threads (596 vs 496 req/s,
-    the variants group of `make bench`; README "Benchmarks").
+    On the 2-core CPU box two single-threaded instances served 20-44 % more requests per
+    second at concurrency 64 than one instance with two intra-op threads (596 vs 496 and 689 vs
+    478 req/s in two runs of the variants group of `make bench`; README "Benchmarks").
     A CUDA device runs one stream of kernels at a time, so it keeps one instance.
     """
     if device.type == "cpu" and (threads or torch.get_num_threads()) >= 2:
