@@ -297,13 +297,19 @@ class ModelRunner:
             return self._forward_split(batch, capture)
 
     def warmup(self, batch_sizes: Iterable[int]) -> None:
-        """Run a capture forward at every size so kernels and allocator are ready before traffic."""
+        """Run a capture forward at every size so kernels and allocator are ready before traffic.
+
+        A traced model has a second graph for `maps=none` requests, warmed up too: TorchScript
+        profiles each graph on its first calls, which are slower."""
         if self.input_size is None:
             raise ValueError(f"model {self.name!r} has no data_config to warm up with")
         c, h, w = self.input_size
         generator = torch.Generator().manual_seed(0)
         for size in batch_sizes:
-            self.forward(torch.rand((size, c, h, w), generator=generator), capture=True)
+            batch = torch.rand((size, c, h, w), generator=generator)
+            self.forward(batch, capture=True)
+            if self.traced:
+                self.forward(batch, capture=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -74,3 +74,22 @@ def test_trace_is_off_for_autocast_and_when_disabled() -> None:
     model = _zoo_model("cbam")
     assert not ModelRunner("m", model, device=CPU, trace=False).traced
     assert not ModelRunner("m", model, device=CPU, autocast="bf16", trace=True).traced
+
+
+def test_warmup_runs_both_graphs_of_a_traced_model() -> None:
+    runner = ModelRunner("se", _zoo_model("se"), device=CPU, trace=True)
+    graph = runner._graph
+    assert graph is not None
+    sizes: dict[str, list[int]] = {"plain": [], "capture": []}
+
+    def counting(kind: str, inner: torch.jit.ScriptModule):
+        def call(x: torch.Tensor):
+            sizes[kind].append(int(x.shape[0]))
+            return inner(x)
+
+        return call
+
+    graph.plain_graph = counting("plain", graph.plain_graph)  # type: ignore[assignment]
+    graph.capture_graph = counting("capture", graph.capture_graph)  # type: ignore[assignment]
+    runner.warmup([1, 4])
+    assert sizes == {"plain": [1, 4], "capture": [1, 4]}
