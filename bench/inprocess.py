@@ -39,6 +39,7 @@ from service.worker import (
     ModelRunner,
     keep_freed_memory,
     resolve_device,
+    settle_gc,
     use_one_thread,
 )
 
@@ -119,6 +120,8 @@ class InProcessPipeline:
         self._loop = asyncio.new_event_loop()
         load = self._worker.run(load_model, name, device=device, random_models=random_models)
         self.model: LoadedModel = self._loop.run_until_complete(load)
+        defaults = Settings(models=[])
+        settle_gc(defaults.gc_threshold, freeze=defaults.gc_freeze)  # as the server does
         self.threads = self._loop.run_until_complete(self._worker.run(torch.get_num_threads))
         self._handler = make_batch_handler(self.model.runner)
 

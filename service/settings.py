@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     cpu_threads: int = Field(default_factory=_default_cpu_threads, ge=1, le=64)
+    gc_freeze: bool = Field(
+        default=True,
+        description="Once the models are loaded, collect garbage and move every live object to "
+        "Python's permanent GC generation, so full collections stop walking them.",
+    )
+    gc_threshold: int = Field(
+        default=10_000,
+        ge=100,
+        le=10_000_000,
+        description="Net allocations that start a young-generation garbage collection, set once "
+        "the models are loaded (Python's default: 700).",
+    )
 
     @field_validator("models", "random_models", mode="before")
     @classmethod

@@ -19,7 +19,13 @@ from service.metrics import Metrics
 from service.pipeline import Predictor
 from service.registry import HostedModel, ModelRegistry, ModelSource
 from service.settings import Settings
-from service.worker import DeviceWorker, default_instances, keep_freed_memory, use_one_thread
+from service.worker import (
+    DeviceWorker,
+    default_instances,
+    keep_freed_memory,
+    settle_gc,
+    use_one_thread,
+)
 
 __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
@@ -61,9 +67,13 @@ class Services:
         )
         self.accepting = True
         self._loader = asyncio.get_running_loop().create_task(
-            self.registry.load_all(self.worker, self.pool, self.settings, self.metrics),
-            name="attnserve-load-models",
+            self._load_models(self.worker, self.pool), name="attnserve-load-models"
         )
+
+    async def _load_models(self, worker: DeviceWorker, pool: ThreadPoolExecutor) -> None:
+        """Load every model, then settle the garbage collector (see worker.settle_gc)."""
+        await self.registry.load_all(worker, pool, self.settings, self.metrics)
+        settle_gc(self.settings.gc_threshold, freeze=self.settings.gc_freeze)
 
     async def stop(self) -> None:
         """Refuse new requests, drain every batcher, then close the worker and the pool."""

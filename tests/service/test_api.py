@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import logging
@@ -357,6 +358,20 @@ def broken_repository(model_repository: Path, tmp_path_factory: pytest.TempPathF
     (root / "tiny-bad" / "card.json").write_text(json.dumps({**card, "name": "tiny-bad"}))
     (root / "tiny-bad" / "model.safetensors").write_bytes(b"corrupted")
     return root
+
+
+@module_loop
+async def test_garbage_collector_settled_once_models_are_loaded(model_repository: Path) -> None:
+    """Ready means every model loaded and the collector settled: the objects alive then are
+    frozen, and the young-generation threshold is the configured one."""
+    gc.unfreeze()
+    settings = Settings(model_repository=model_repository, models=["tiny-se"], gc_threshold=5000)
+    async with serve(settings) as served:
+        assert (await served.client.get("/health/ready")).status_code == 200
+        assert gc.get_threshold()[0] == 5000
+        assert gc.get_freeze_count() > 10_000  # torch, the model, the web stack
+        response = await served.client.post("/v1/models/tiny-se/predict", **raw(b"not an image"))
+        check_error(response, 400, "invalid_image")
 
 
 @module_loop
