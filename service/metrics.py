@@ -2,7 +2,9 @@
 
 `Metrics` is also the batchers' `BatchObserver`: batch sizes, queue waits, inference time and
 queue depth are recorded where the batcher measures them. Names follow Prometheus conventions
-(base units, `_total` for the counter).
+(base units, `_total` for the counter). The registry also carries prometheus-client's standard
+process (`process_*`: CPU seconds, resident memory, open files) and Python (`python_gc_*`,
+`python_info`) collectors, as its default registry would.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -34,6 +39,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
+        ProcessCollector(registry=reg)
+        GCCollector(registry=reg)
+        PlatformCollector(registry=reg)
         self.requests = Counter(
             "attnserve_requests_total",
             "HTTP requests by model, route template and status code.",

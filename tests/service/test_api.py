@@ -346,6 +346,10 @@ async def test_metrics(served: Served, digits) -> None:
     ):
         assert name in text
     assert "attnserve_device_memory_bytes{" not in text  # CPU: gauge declared, no samples
+    # prometheus-client's standard collectors, on the app's own registry
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert name in text
+    assert 'python_gc_collections_total{generation="2"}' in text
 
 
 @pytest.fixture(scope="module")
