@@ -5,7 +5,8 @@ measured step, and prints for each server thread what Linux accounted to it duri
 (`/proc/<pid>/task/<tid>/{stat,schedstat,status}`): cores used, CPU milliseconds per answered
 request, seconds per second spent runnable but waiting for a core (run-queue wait), context
 switches per second (all, and voluntary: blocking on a lock, the GIL or a queue) and minor page
-faults per second. Then the mean batch size and forward time from the server's metrics.
+faults per second. Then the mean batch size and forward time from the server's metrics, and
+the garbage collections of each generation during the step (`python_gc_collections_total`).
 
 Thread names (set by the service, `worker.name_os_thread`): `device-cpu_N` are the device
 instances, `attnserve-cpu_N` the CPU pool (decode, preprocess, response building and encoding),
@@ -153,6 +154,18 @@ def main(argv: list[str] | None = None) -> None:
             metrics_before, name + "_sum"
         )
         print(f"{name}: mean {total_value / max(count, 1):.4f} over {count:.0f} batches")
+    print("garbage collections by generation:", _gc_collections(metrics_before, metrics_after))
+
+
+def _gc_collections(before: str, after: str) -> str:
+    """ "gen0 N, gen1 N, gen2 N": collections between two scrapes."""
+    start, end = parse_metrics(before), parse_metrics(after)
+    counts = {
+        dict(labels)["generation"]: value - start.get((name, labels), 0.0)
+        for (name, labels), value in end.items()
+        if name == "python_gc_collections_total"
+    }
+    return ", ".join(f"gen{gen} {counts[gen]:.0f}" for gen in sorted(counts))
 
 
 if __name__ == "__main__":

@@ -151,3 +151,16 @@ def test_gil_comparison_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         "traced + GIL-busy thread",
     }
     assert all(ms > 0 for ms in results.values())
+
+
+def test_gil_full_collection_measures_the_settled_collector() -> None:
+    """bench.gil's last line: a full collection over the loaded stack, then after settle_gc
+    (which freezes the objects alive then; the fixture in conftest.py undoes it)."""
+    import gc
+
+    import bench.gil
+
+    tracked, before, after = bench.gil._full_collection_ms()
+    assert tracked > 50_000  # torch and the web stack: the walk that settle_gc removes
+    assert gc.get_freeze_count() > 50_000
+    assert before > 0 and after > 0

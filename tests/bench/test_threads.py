@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.threads import main, sample_threads
+from bench.threads import _gc_collections, main, sample_threads
 from service.worker import name_os_thread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -47,3 +47,14 @@ def test_bench_threads_names_the_server_threads(capsys: pytest.CaptureFixture[st
     rows = {line.split(":")[0] for line in out.splitlines() if ":" in line.split()[0]}
     assert {"device-cpu_0", "device-cpu_1", "attnserve-cpu_0"} <= rows
     assert "attnserve_batch_size: mean" in out
+    assert "garbage collections by generation: gen0 " in out
+
+
+def test_gc_collections_between_two_scrapes() -> None:
+    def scrape(*counts: int) -> str:
+        return "".join(
+            f'python_gc_collections_total{{generation="{gen}"}} {n}.0\n'
+            for gen, n in enumerate(counts)
+        )
+
+    assert _gc_collections(scrape(10, 2, 1), scrape(15, 2, 3)) == "gen0 5, gen1 0, gen2 2"
