@@ -28,6 +28,7 @@ __all__ = ["MapOptions", "build_result", "map_grid", "output_size", "to_original
 MapsLevel = Literal["none", "summary", "layers", "all"]
 PROB_DECIMALS = 5
 MAP_DECIMALS = 3
+PNG_COMPRESS_LEVEL = 1
 _FLOAT32_EXACT = 2.0**14  # below it, float32 keeps every 3-decimal value's shortest text
 _SPATIAL_KINDS = ("spatial", "context")
 # Viridis anchor colours; the PNG colour scale interpolates linearly between them.
@@ -120,12 +121,17 @@ def _encode(array: torch.Tensor, fmt: str, value_range: tuple[float, float]) -> 
 
 
 def _png(values: np.ndarray, value_range: tuple[float, float]) -> str:
-    """Base64 PNG heatmap: `value_range` spread over the viridis-like colour scale."""
+    """Base64 PNG heatmap: `value_range` spread over the viridis-like colour scale.
+
+    zlib level 1 (`PNG_COMPRESS_LEVEL`) rather than Pillow's default 6: on these small smooth
+    maps the deflate step is most of the time, and level 1 compresses about as well."""
     low, high = value_range
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     index = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(_LUT[index], mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(_LUT[index], mode="RGB").save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
