@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _gc_collections(before: str, after: str) -> str:
-    """ "gen0 N, gen1 N, gen2 N": collections between two scrapes."""
+    """Collections per generation between two scrapes, as "gen0 N, gen1 N, gen2 N"."""
     start, end = parse_metrics(before), parse_metrics(after)
     counts = {
         dict(labels)["generation"]: value - start.get((name, labels), 0.0)

@@ -104,14 +104,15 @@ def settle_gc(threshold: int, *, freeze: bool = True) -> None:
     """Keep Python's cyclic garbage collector off the request path, once the models are loaded.
 
     After start-up the process tracks about 200,000 container objects (torch, the models, the
-    web stack) that live until exit. A full collection walks all of them while holding the GIL:
-    100-140 ms during which no request moves and no forward pass can start or hand back its
-    batch; at concurrency 64 that happened every 2-3 s. With `freeze` the garbage present now
-    is collected once and every surviving object goes to the permanent generation, so later
-    collections walk only what requests created. `threshold` is the number of net allocations
-    that starts a young-generation collection (Python's default 700 ran one every few
-    requests); the older generations keep their thresholds. Process-wide; the in-process
-    benchmark limit calls it too.
+    web stack) that live until exit. A full collection walks all of them while holding the GIL
+    (93 ms on the 2-core box, `python -m bench.gil`), and no request moves and no forward pass
+    can start or hand back its batch meanwhile; at concurrency 64 that happened 4-5 times per
+    10 s (`python -m bench.threads`, with this off; README "Benchmarks"). With `freeze` the
+    garbage present now is collected once and every surviving object goes to the permanent
+    generation, so later collections walk only what requests created. `threshold` is the
+    number of net allocations that starts a young-generation collection (Python's default 700
+    ran one every few requests); the older generations keep their thresholds. Process-wide;
+    the in-process benchmark limit calls it too.
     """
     if freeze:
         gc.collect()
