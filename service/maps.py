@@ -23,12 +23,22 @@ from PIL import Image
 from models import AttentionRecord, spatial_views
 from service.imaging import Geometry
 
-__all__ = ["MapOptions", "build_result", "map_grid", "output_size", "to_original", "top_k"]
+__all__ = [
+    "MapOptions",
+    "build_result",
+    "default_map_size",
+    "map_grid",
+    "output_size",
+    "to_original",
+    "top_k",
+]
 
 MapsLevel = Literal["none", "summary", "layers", "all"]
 PROB_DECIMALS = 5
 MAP_DECIMALS = 3
 PNG_COMPRESS_LEVEL = 1
+MAX_DEFAULT_MAP_SIZE = 64
+MIN_MAP_SIZE = 8
 _FLOAT32_EXACT = 2.0**14  # below it, float32 keeps every 3-decimal value's shortest text
 _SPATIAL_KINDS = ("spatial", "context")
 # Viridis anchor colours; the PNG colour scale interpolates linearly between them.
@@ -42,12 +52,22 @@ _LUT = np.stack(
 
 @dataclass(frozen=True, slots=True)
 class MapOptions:
-    """What the client asked for: how many classes, which maps, their size and encoding."""
+    """What the client asked for: how many classes, which maps, their size and encoding.
+
+    map_size None: `default_map_size` of each image."""
 
     top_k: int = 5
     maps: MapsLevel = "summary"
-    map_size: int = 64
+    map_size: int | None = None
     map_format: Literal["json", "png"] = "json"
+
+
+def default_map_size(geometry: Geometry) -> int:
+    """The image's longest side, at most 64 and at least 8: a map never has more cells than the
+    image has pixels (a 28 x 28 digit gets 28 x 28 maps, pixel for pixel, not 64 x 64 cells
+    interpolated from it), and a photo's maps stay small."""
+    longest = max(geometry.width, geometry.height)
+    return max(MIN_MAP_SIZE, min(MAX_DEFAULT_MAP_SIZE, longest))
 
 
 def output_size(width: int, height: int, map_size: int) -> tuple[int, int]:
@@ -187,7 +207,7 @@ def build_result(
     }
     if options.maps == "none":
         return result
-    grid, mask = map_grid(geometry, options.map_size)
+    grid, mask = map_grid(geometry, options.map_size or default_map_size(geometry))
     attention: dict[str, Any] = {"summary": None}
     if summary is not None:
         attention["summary"] = _encode(

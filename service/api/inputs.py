@@ -44,7 +44,13 @@ class PredictOptions(BaseModel):
         description="none; summary (one map); layers (+ each site's spatial view); "
         "all (+ raw channel/coordinate/branch tensors).",
     )
-    map_size: int = Field(64, ge=8, le=512, description="Longest side of the returned maps.")
+    map_size: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="Longest side of the returned maps (default: the image's longest side, "
+        "at most 64 and at least 8).",
+    )
     map_format: Literal["json", "png"] = Field(
         "json", description="json number arrays, or base64 PNG heatmaps for 2-D maps."
     )

@@ -252,6 +252,20 @@ async def test_map_geometry(
 
 
 @module_loop
+async def test_default_map_size_follows_small_images(served: Served, digits) -> None:
+    """A 28 x 28 digit gets 28 x 28 maps unless the client asks for another map_size."""
+    image = raw(digits[0][1], "image/png")
+    url = "/v1/models/tiny-cbam/predict?maps=layers"
+    default = (await served.client.post(url, **image)).json()["results"][0]
+    assert default["image"] == {"width": 28, "height": 28}
+    shapes = [default["attention"]["summary"]["shape"]]
+    shapes += [e["shape"] for e in default["attention"]["layers"]]
+    assert shapes and all(shape == [28, 28] for shape in shapes)
+    asked = (await served.client.post(url + "&map_size=64", **image)).json()["results"][0]
+    assert np.array(asked["attention"]["summary"]["data"]).shape == (64, 64)
+
+
+@module_loop
 async def test_predict_by_attention_block(served: Served, digits) -> None:
     image = raw(digits[1][1], "image/png")
     routed = await served.client.post("/v1/predict?attention=cbam&maps=none", **image)

@@ -14,7 +14,15 @@ from PIL import Image
 
 from models import create_model
 from service.imaging import Geometry, plan_geometry, preprocess
-from service.maps import MapOptions, build_result, map_grid, output_size, to_original, top_k
+from service.maps import (
+    MapOptions,
+    build_result,
+    default_map_size,
+    map_grid,
+    output_size,
+    to_original,
+    top_k,
+)
 from service.worker import ModelRunner
 
 CPU = torch.device("cpu")
@@ -29,6 +37,13 @@ def test_output_size_keeps_the_aspect_ratio() -> None:
     assert output_size(300, 451, 64) == (64, 43)
     assert output_size(64, 64, 32) == (32, 32)
     assert output_size(5000, 1, 64) == (1, 64)
+
+
+def test_default_map_size_is_the_longest_side_within_8_to_64() -> None:
+    def size(width: int, height: int) -> int:
+        return default_map_size(Geometry(width, height, 32, 32, 0, 0, 32, 32))
+
+    assert [size(600, 400), size(28, 28), size(30, 50), size(5, 3)] == [64, 28, 50, 8]
 
 
 def test_identity_when_nothing_was_cropped() -> None:
