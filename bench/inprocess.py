@@ -5,8 +5,9 @@ Per image: `service.imaging.prepare` (decode + preprocess), the model's batch ha
 attention capture and the summary map, split) at a given batch size, `service.maps.build_result`
 and the route's `ORJSONResponse` encoding. The stages run one after another in one process, so
 the sum is the work the server must do per request, minus everything HTTP adds. The budget is
-split in three parts and the fastest counts, so a burst of other load on a shared machine does
-not lower the limit.
+split in three parts and the median part counts: a burst of other load on a shared machine in
+one part does not lower the limit, and the limit is not the luckiest of three short parts
+either (the service's rate it is compared with is the mean over its whole window).
 
 With `instances` > 1 the pipeline runs that many of those sequences side by side (one CPU thread
 each, feeding a device worker with as many instances), the in-process form of a server with
@@ -164,8 +165,8 @@ class InProcessPipeline:
         min_rounds: int = 3,
     ) -> dict[str, Any]:
         """Rounds of `batch_size` images (cycling through `images`) for about `budget_s` seconds,
-        in `repeats` parts; the fastest part is the limit (the others were slowed by something
-        else on the machine), and every part's rate is kept as `repeat_rps`.
+        in `repeats` parts; the median part is the limit (see the module docstring), and every
+        part's rate is kept as `repeat_rps`.
 
         The CPU stages run on threads set up like the server's CPU pool (one intra-op thread),
         so that the device threads' OpenMP teams are the only ones, as in the server. With
@@ -186,10 +187,10 @@ class InProcessPipeline:
             (t0, cpu0), (t1, cpu1) = self._marks[i], self._marks[i + 1]
             part["cpu_ms_per_image"] = round(1000.0 * (cpu1 - cpu0) / part["images"], 4)
             part["cpu_cores"] = round((cpu1 - cpu0) / (t1 - t0), 3)
-        best = max(parts, key=lambda part: part["limit_rps"])
-        best["repeat_rps"] = [round(part["limit_rps"], 2) for part in parts]
-        best["instances"] = self.instances
-        return best
+        median = sorted(parts, key=lambda part: part["limit_rps"])[len(parts) // 2]
+        median["repeat_rps"] = [round(part["limit_rps"], 2) for part in parts]
+        median["instances"] = self.instances
+        return median
 
     def _mark(self) -> None:
         self._marks.append((time.perf_counter(), time.process_time()))

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=float, help="unmeasured seconds before each step (1; quick 0.3)"
     )
-    p.add_argument("--limit-seconds", type=float, help="in-process budget per step (1; quick 0.25)")
+    p.add_argument("--limit-seconds", type=float, help="in-process budget per step (1.5; quick 0.25)")
     p.add_argument("--groups", type=_csv(str), default=list(GROUPS), help=",".join(GROUPS))
     p.add_argument("--inputs", default="auto", choices=["auto", *INPUT_SETS])
     p.add_argument("--compare-inputs", type=_csv(str), default=["photos-jpeg", "photos-png"])
@@ -90,7 +90,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
     args.duration = args.duration or (1.0 if quick else 4.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 1.0)
-    args.limit_seconds = args.limit_seconds or (0.25 if quick else 1.0)
+    args.limit_seconds = args.limit_seconds or (0.25 if quick else 1.5)
     args.random_models = [f"{args.arch}:{args.attention}"] if args.arch else []
     if args.models is None:
         if args.arch:

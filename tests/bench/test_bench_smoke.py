@@ -74,9 +74,9 @@ def _check_row(row: dict) -> None:
     assert limit["torch_threads"] == int(limit["mode"].split("x")[1])
     assert limit["instances"] == int(limit["mode"].split("x")[0])
     assert 0 < limit["fastest_round_ms"] <= limit["round_ms_median"]
-    assert len(limit["repeat_rps"]) == 3 and max(limit["repeat_rps"]) == round(
-        limit["limit_rps"], 2
-    )
+    # The median of the three parts is the limit.
+    assert len(limit["repeat_rps"]) == 3
+    assert sorted(limit["repeat_rps"])[1] == round(limit["limit_rps"], 2)
     stages = limit["ms_per_image"]
     assert all(stages[k] > 0 for k in ("decode_preprocess", "forward", "build", "encode"))
     parts = sum(stages[k] for k in ("decode_preprocess", "forward", "build", "encode"))
