@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=float, help="unmeasured seconds before each step (1; quick 0.3)"
     )
-    p.add_argument("--limit-seconds", type=float, help="in-process budget per step (1.5; quick 0.25)")
+    p.add_argument(
+        "--limit-seconds", type=float, help="in-process budget per step (1.5; quick 0.25)"
+    )
     p.add_argument("--groups", type=_csv(str), default=list(GROUPS), help=",".join(GROUPS))
     p.add_argument("--inputs", default="auto", choices=["auto", *INPUT_SETS])
     p.add_argument("--compare-inputs", type=_csv(str), default=["photos-jpeg", "photos-png"])

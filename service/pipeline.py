@@ -140,7 +140,8 @@ class Predictor:
         self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
     ) -> list[orjson.Fragment]:
         """One result per image from model `hosted`, in request order, already JSON-encoded
-        (in the CPU pool: a maps=all result is 100-200 KB, too much work for the event loop)."""
+        (in the CPU pool: a maps=all result of a 64-cell map size is 100-200 KB, too much work
+        for the event loop)."""
         with self._tracked():
             return await self._predict(hosted, images, options, receive)
 
