@@ -2,12 +2,13 @@
 
 Per image: `service.imaging.prepare` (decode + preprocess), the model's batch handler from
 `service.pipeline.make_batch_handler` (stack, `ModelRunner.forward` on a `DeviceWorker` with
-attention capture and the summary map, split) at a given batch size, `service.maps.build_result`
-and the route's `ORJSONResponse` encoding. The stages run one after another in one process, so
-the sum is the work the server must do per request, minus everything HTTP adds. The budget is
-split in three parts and the median part counts: a burst of other load on a shared machine in
-one part does not lower the limit, and the limit is not the luckiest of three short parts
-either (the service's rate it is compared with is the mean over its whole window).
+attention capture and the summary map, the batch's maps from `service.maps.prepare_maps`, split)
+at a given batch size, `service.maps.build_result` and the route's `ORJSONResponse` encoding.
+The stages run one after another in one process, so the sum is the work the server must do per
+request, minus everything HTTP adds. The budget is split in three parts and the median part
+counts: a burst of other load on a shared machine in one part does not lower the limit, and the
+limit is not the luckiest of three short parts either (the service's rate it is compared with
+is the mean over its whole window).
 
 With `instances` > 1 the pipeline runs that many of those sequences side by side (one CPU thread
 each, feeding a device worker with as many instances), the in-process form of a server with
@@ -31,7 +32,7 @@ import torch
 from models import DataConfig
 from service.api.handlers import ORJSONResponse
 from service.imaging import prepare
-from service.maps import MapOptions, build_result
+from service.maps import MapOptions, MapPlan, build_result
 from service.pipeline import PredictItem, make_batch_handler
 from service.registry import discover
 from service.settings import Settings
@@ -142,11 +143,13 @@ class InProcessPipeline:
         prepared = [prepare(d, [config], max_pixels=self.max_pixels)[0] for d in images]
         t1 = time.perf_counter()
         capture = options.maps != "none"
-        items = [PredictItem(p.tensor, capture) for p in prepared]
+        items = [
+            PredictItem(p.tensor, capture, MapPlan.for_image(p.geometry, options)) for p in prepared
+        ]
         outputs = loop.run_until_complete(self._worker.run(self._handler, items))
         t2 = time.perf_counter()
         results = [
-            build_result(o.probs, o.records, o.summary, p.geometry, config.labels, options)
+            build_result(o.probs, o.maps, p.geometry, config.labels, options)
             for o, p in zip(outputs, prepared, strict=True)
         ]
         t3 = time.perf_counter()

@@ -1,8 +1,10 @@
-"""Turn one image's model outputs into response data: top-k predictions and attention maps.
+"""Turn model outputs into response data: top-k predictions and attention maps.
 
 Spatial maps live on the model input grid (after resize and centre crop). `to_original` undoes
 that: it samples each map at the centres of a grid covering the whole original image (longest
 side = map_size), bilinearly, and writes zeros where the original image was cropped away.
+`prepare_maps` does this, and the rounding, for a whole batch on the device thread (one op per
+site for all images of a map shape); `build_result` then only assembles one image's answer.
 Normalisation is left as the maps define it (see the API reference): gates in [0, 1], GC context
 masks multiplied by h*w (uniform = 1), the summary min-max normalised per image.
 """
@@ -24,11 +26,15 @@ from models import AttentionRecord, spatial_views
 from service.imaging import Geometry
 
 __all__ = [
+    "ImageMaps",
     "MapOptions",
+    "MapPlan",
     "build_result",
     "default_map_size",
+    "image_result",
     "map_grid",
     "output_size",
+    "prepare_maps",
     "to_original",
     "top_k",
 ]
@@ -48,6 +54,34 @@ _ANCHORS = np.array(
 _LUT = np.stack(
     [np.interp(np.linspace(0, 4, 256), np.arange(5), _ANCHORS[:, c]) for c in range(3)], axis=1
 ).astype(np.uint8)
+
+
+@dataclass(frozen=True, slots=True)
+class MapPlan:
+    """One image's share of its batch's map work: the level it asked for and where its maps
+    go on the original image (`map_grid`)."""
+
+    level: MapsLevel
+    grid: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def for_image(cls, geometry: Geometry, options: MapOptions) -> MapPlan | None:
+        """None when no maps were asked for."""
+        if options.maps == "none":
+            return None
+        grid, mask = map_grid(geometry, options.map_size or default_map_size(geometry))
+        return cls(options.maps, grid, mask)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMaps:
+    """One image's maps, resampled and rounded (`prepare_maps`): the summary and, per layer
+    entry, its head ("layer", "block", "kind", "derived"), whether it is a spatial view, and
+    its values."""
+
+    summary: np.ndarray | None
+    layers: list[tuple[dict[str, Any], bool, np.ndarray]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,24 +153,28 @@ def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str
     ]
 
 
-def _encode(array: torch.Tensor, fmt: str, value_range: tuple[float, float]) -> dict[str, Any]:
-    """{"shape", "data"} with rounded numbers, or {"shape", "png", "range"} for 2-D PNG output.
+def _rounded(values: torch.Tensor) -> np.ndarray:
+    """Map numbers rounded to 3 decimals, as a numpy array the response encoder writes directly
+    (nested lists in JSON, no Python float object per value).
 
-    "data" is a numpy array (nested lists in JSON): the response encoder writes it straight
-    from the array, without a Python float object per value. Rounded in float64, then held as
-    float32 where that prints the same text (every value below 2**14 in magnitude: the float32
-    spacing there is under 0.001), which orjson writes about a quarter faster.
+    Rounded in float64, then held as float32 where that prints the same text (every value below
+    2**14 in magnitude: the float32 spacing there is under 0.001), which orjson writes about a
+    quarter faster. Called once per site for a whole batch.
     """
-    values = array.numpy().astype(np.float64)
+    rounded = np.round(values.numpy().astype(np.float64), MAP_DECIMALS) + 0.0  # no -0.0
+    if rounded.size and np.abs(rounded).max() < _FLOAT32_EXACT:
+        return rounded.astype(np.float32)
+    return rounded
+
+
+def _entry(values: np.ndarray, fmt: str, value_range: tuple[float, float]) -> dict[str, Any]:
+    """{"shape", "data"} for JSON numbers, or {"shape", "png", "range"} for 2-D PNG output."""
     entry: dict[str, Any] = {"shape": list(values.shape)}
     if fmt == "png" and values.ndim == 2:
         entry["png"] = _png(values, value_range)
         entry["range"] = [round(v, MAP_DECIMALS) for v in value_range]
     else:
-        rounded = np.round(values, MAP_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
-        if rounded.size and np.abs(rounded).max() < _FLOAT32_EXACT:
-            rounded = rounded.astype(np.float32)
-        entry["data"] = rounded
+        entry["data"] = values
     return entry
 
 
@@ -155,31 +193,14 @@ def _png(values: np.ndarray, value_range: tuple[float, float]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _value_range(record: AttentionRecord, values: torch.Tensor) -> tuple[float, float]:
-    """Fixed [0, 1] for gates and shares; [0, max] for GC's h*w-scaled context mask."""
-    if record.kind == "context":
+def _value_range(head: dict[str, Any], spatial: bool, values: np.ndarray) -> tuple[float, float]:
+    """PNG colour range: [0, 1] for gates and shares; [0, max] for GC's h*w-scaled context
+    mask; [min, max] for GC's raw tensors."""
+    if spatial and head["kind"] == "context":
         return 0.0, max(1.0, float(values.max()))
+    if not spatial and head["block"] == "gc":
+        return float(values.min()), float(values.max())
     return 0.0, 1.0
-
-
-def _spatial_entry(
-    record: AttentionRecord, grid: torch.Tensor, mask: torch.Tensor, fmt: str
-) -> dict[str, Any]:
-    """A site's spatial view mapped back onto the original image."""
-    view = record.tensor[0, 0].float()
-    if record.kind == "context":
-        view = view * view.numel()
-    mapped = to_original(view, grid, mask)
-    return _layer_head(record) | _encode(mapped, fmt, _value_range(record, mapped))
-
-
-def _raw_entry(record: AttentionRecord, fmt: str) -> dict[str, Any]:
-    """A non-spatial tensor at native resolution (coord gates lose their singleton axis)."""
-    tensor = record.tensor[0]
-    if record.kind in ("coord_h", "coord_w"):
-        tensor = tensor.reshape(tensor.shape[0], -1)
-    value_range = (0.0, 1.0) if record.block != "gc" else (float(tensor.min()), float(tensor.max()))
-    return _layer_head(record) | _encode(tensor, fmt, value_range)
 
 
 def _layer_head(record: AttentionRecord) -> dict[str, Any]:
@@ -191,7 +212,101 @@ def _layer_head(record: AttentionRecord) -> dict[str, Any]:
     }
 
 
+def _resample(maps: torch.Tensor, grids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(G, h, w) maps on the model input grid -> (G, rows, cols) on the original images."""
+    sampled = F.grid_sample(maps[:, None], grids, padding_mode="border", align_corners=False)
+    return sampled[:, 0].mul_(masks)
+
+
+def _spatial_view(record: AttentionRecord) -> torch.Tensor:
+    """(N, h, w) view of a spatial-like record; GC context masks times h*w (uniform = 1)."""
+    view = record.tensor[:, 0].float()
+    if record.kind == "context":
+        view = view * (view.shape[-2] * view.shape[-1])
+    return view
+
+
+def _raw(record: AttentionRecord) -> torch.Tensor:
+    """A non-spatial tensor at native resolution (coord gates lose their singleton axis)."""
+    tensor = record.tensor.float()
+    if record.kind in ("coord_h", "coord_w"):
+        tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    return tensor
+
+
+def prepare_maps(
+    records: list[AttentionRecord], summary: torch.Tensor | None, plans: list[MapPlan | None]
+) -> list[ImageMaps | None]:
+    """Every image's maps for a whole batch (records and summary with a batch dimension),
+    resampled onto each original image and rounded, ready to encode; None where no plan.
+
+    Images that share a map shape and level are done together: one grid_sample and one
+    rounding per site for all of them, not one per image (each torch op in a thread pool
+    gives the GIL back and waits for it again). Runs on the device thread after the forward.
+    """
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for i, plan in enumerate(plans):
+        if plan is not None:
+            groups.setdefault((plan.level, tuple(plan.mask.shape)), []).append(i)
+    views = {id(r) for r in spatial_views(records)}
+    result: list[ImageMaps | None] = [None] * len(plans)
+    for (level, _), members in groups.items():
+        everyone = members == list(range(len(plans)))
+        index = None if everyone else torch.tensor(members)
+
+        def select(tensor: torch.Tensor, index: torch.Tensor | None = index) -> torch.Tensor:
+            return tensor if index is None else tensor.index_select(0, index)
+
+        grids = torch.cat([plans[i].grid for i in members])  # type: ignore[union-attr]
+        masks = torch.stack([plans[i].mask for i in members])  # type: ignore[union-attr]
+        summaries = None
+        if summary is not None:
+            summaries = _rounded(_resample(select(summary), grids, masks))
+        layers: list[tuple[dict[str, Any], bool, np.ndarray]] = []
+        for record in records if level in ("layers", "all") else ():
+            if id(record) in views:
+                mapped = _resample(select(_spatial_view(record)), grids, masks)
+                layers.append((_layer_head(record), True, _rounded(mapped)))
+            elif level == "all" and record.kind not in _SPATIAL_KINDS:
+                layers.append((_layer_head(record), False, _rounded(select(_raw(record)))))
+        for g, i in enumerate(members):
+            result[i] = ImageMaps(
+                None if summaries is None else summaries[g],
+                [(head, spatial, values[g]) for head, spatial, values in layers],
+            )
+    return result
+
+
 def build_result(
+    probs: torch.Tensor,
+    maps: ImageMaps | None,
+    geometry: Geometry,
+    labels: tuple[str, ...],
+    options: MapOptions,
+) -> dict[str, Any]:
+    """The response object of one image, from its probabilities (K,) and `prepare_maps`'s
+    output for it (None: maps="none")."""
+    result: dict[str, Any] = {
+        "predictions": top_k(probs, labels, options.top_k),
+        "image": {"width": geometry.width, "height": geometry.height},
+        "attention": None,
+    }
+    if options.maps == "none" or maps is None:
+        return result
+    fmt = options.map_format
+    attention: dict[str, Any] = {"summary": None}
+    if maps.summary is not None:
+        attention["summary"] = _entry(maps.summary, fmt, (0.0, 1.0))
+    if options.maps in ("layers", "all"):
+        attention["layers"] = [
+            head | _entry(values, fmt, _value_range(head, spatial, values))
+            for head, spatial, values in maps.layers
+        ]
+    result["attention"] = attention
+    return result
+
+
+def image_result(
     probs: torch.Tensor,
     records: list[AttentionRecord],
     summary: torch.Tensor | None,
@@ -199,28 +314,7 @@ def build_result(
     labels: tuple[str, ...],
     options: MapOptions,
 ) -> dict[str, Any]:
-    """The response object of one image; `records`/`summary` carry a batch dimension of 1."""
-    result: dict[str, Any] = {
-        "predictions": top_k(probs, labels, options.top_k),
-        "image": {"width": geometry.width, "height": geometry.height},
-        "attention": None,
-    }
-    if options.maps == "none":
-        return result
-    grid, mask = map_grid(geometry, options.map_size or default_map_size(geometry))
-    attention: dict[str, Any] = {"summary": None}
-    if summary is not None:
-        attention["summary"] = _encode(
-            to_original(summary[0], grid, mask), options.map_format, (0.0, 1.0)
-        )
-    if options.maps in ("layers", "all"):
-        views = {id(r) for r in spatial_views(records)}
-        attention["layers"] = [
-            _spatial_entry(r, grid, mask, options.map_format)
-            if id(r) in views
-            else _raw_entry(r, options.map_format)
-            for r in records
-            if id(r) in views or (options.maps == "all" and r.kind not in _SPATIAL_KINDS)
-        ]
-    result["attention"] = attention
-    return result
+    """`build_result` for a single image's outputs (records and summary with a batch
+    dimension of 1), maps prepared on the spot."""
+    (maps,) = prepare_maps(records, summary, [MapPlan.for_image(geometry, options)])
+    return build_result(probs, maps, geometry, labels, options)

@@ -21,7 +21,7 @@ import torch
 from models import AttentionRecord, DataConfig
 from service.errors import ClientDisconnected, InvalidImage, PayloadTooLarge
 from service.imaging import Prepared, prepare
-from service.maps import MapOptions, build_result
+from service.maps import ImageMaps, MapOptions, MapPlan, build_result, prepare_maps
 
 if TYPE_CHECKING:
     from service.registry import HostedModel
@@ -35,15 +35,18 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 @dataclass(frozen=True, slots=True)
 class PredictItem:
-    """One image queued for a model: its input tensor (C, H, W) and whether maps are wanted."""
+    """One image queued for a model: its input tensor (C, H, W), whether attention is
+    captured, and the maps to prepare for it with its batch (None: raw tensors only)."""
 
     tensor: torch.Tensor
     capture: bool
+    maps: MapPlan | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ItemOutput:
-    """One image's share of a batch: item `index` of the batch's output, sliced on access.
+    """One image's share of a batch: item `index` of the batch's output, sliced on access,
+    and its maps when its item had a plan.
 
     Slicing happens where the fields are read (the CPU pool), not when the batch finishes, so
     the event loop hands a finished batch to its waiters without per-item tensor work.
@@ -52,6 +55,7 @@ class ItemOutput:
 
     batch: BatchOutput
     index: int
+    maps: ImageMaps | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -72,16 +76,20 @@ class ItemOutput:
 
 
 def make_batch_handler(runner: ModelRunner) -> Callable[[list[PredictItem]], list[ItemOutput]]:
-    """The batcher's handler, run on a device thread: stack, forward, one view per item.
+    """The batcher's handler, run on a device thread: stack, forward, the maps of the whole
+    batch (`prepare_maps`), one view per item.
 
-    Stacking runs on the device thread too: it is one memory copy that never waits behind
-    queued decoding work, and the event loop runs no torch op (see worker.use_one_thread).
+    Stacking and the maps run on the device thread too: a few ops per batch that never wait
+    behind queued decoding work, instead of a few per image in the CPU pool, and the event
+    loop runs no torch op (see worker.use_one_thread).
     """
 
     def handle(items: list[PredictItem]) -> list[ItemOutput]:
         capture = any(item.capture for item in items)
         out = runner.forward(torch.stack([item.tensor for item in items]), capture)
-        return [ItemOutput(out, i) for i in range(len(items))]
+        plans = [item.maps for item in items]
+        maps = prepare_maps(out.records, out.summary, plans) if capture else [None] * len(items)
+        return [ItemOutput(out, i, m) for i, m in enumerate(maps)]
 
     return handle
 
@@ -151,7 +159,7 @@ class Predictor:
         capture = options.maps != "none"
         if len(images) == 1:  # the common case, without the tasks that gather_all creates
             (prepared,) = await self._prepare(images[0], [hosted.data_config], "")
-            item = PredictItem(prepared.tensor, capture)
+            item = _item(prepared, capture, options)
             out = await until_disconnect(receive, hosted.submit(item, self._timeout))
             return [await self._cpu(self._encoded, hosted, out, prepared, options)]
         config = [hosted.data_config]
@@ -159,7 +167,7 @@ class Predictor:
             self._prepare(data, config, f"image {i}") for i, data in enumerate(images)
         )
         submits = (
-            hosted.submit(PredictItem(p.tensor, capture), self._timeout) for (p,) in prepared_all
+            hosted.submit(_item(p, capture, options), self._timeout) for (p,) in prepared_all
         )
         outputs = await until_disconnect(receive, gather_all(submits))
         return await gather_all(
@@ -180,7 +188,7 @@ class Predictor:
         prepared = await self._prepare(image, [m.data_config for m in hosted], "")
         capture = options.maps != "none"
         submits = (
-            m.submit(PredictItem(p.tensor, capture), self._timeout)
+            m.submit(_item(p, capture, options), self._timeout)
             for m, p in zip(hosted, prepared, strict=True)
         )
         outputs = await until_disconnect(receive, gather_all(submits))
@@ -202,7 +210,11 @@ class Predictor:
         hosted: HostedModel, out: ItemOutput, prepared: Prepared, options: MapOptions
     ) -> dict[str, Any]:
         labels = hosted.data_config.labels
-        return build_result(out.probs, out.records, out.summary, prepared.geometry, labels, options)
+        return build_result(out.probs, out.maps, prepared.geometry, labels, options)
+
+
+def _item(prepared: Prepared, capture: bool, options: MapOptions) -> PredictItem:
+    return PredictItem(prepared.tensor, capture, MapPlan.for_image(prepared.geometry, options))
 
 
 async def gather_all(awaitables: Iterable[Awaitable[V]]) -> list[V]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 
@@ -16,10 +17,12 @@ from models import create_model
 from service.imaging import Geometry, plan_geometry, preprocess
 from service.maps import (
     MapOptions,
-    build_result,
+    MapPlan,
     default_map_size,
+    image_result,
     map_grid,
     output_size,
+    prepare_maps,
     to_original,
     top_k,
 )
@@ -105,11 +108,11 @@ def _decimals_ok(values: object) -> bool:
 def test_levels_with_real_records(photos: dict, block: str) -> None:
     out, geometry, labels = _outputs(block, photos)
     args = (out.probs[0], out.records, out.summary, geometry, labels)
-    nothing = build_result(*args, MapOptions(maps="none"))
+    nothing = image_result(*args, MapOptions(maps="none"))
     assert nothing["attention"] is None and nothing["image"] == {"width": 451, "height": 300}
-    summary = build_result(*args, MapOptions(maps="summary", map_size=40))["attention"]
-    layers = build_result(*args, MapOptions(maps="layers", map_size=40))["attention"]["layers"]
-    every = build_result(*args, MapOptions(maps="all", map_size=40))["attention"]["layers"]
+    summary = image_result(*args, MapOptions(maps="summary", map_size=40))["attention"]
+    layers = image_result(*args, MapOptions(maps="layers", map_size=40))["attention"]["layers"]
+    every = image_result(*args, MapOptions(maps="all", map_size=40))["attention"]["layers"]
     if block == "none":
         assert summary == {"summary": None} and layers == [] and every == []
         return
@@ -135,7 +138,7 @@ def test_levels_with_real_records(photos: dict, block: str) -> None:
 def test_png_entries_decode_to_the_map_size(photos: dict) -> None:
     out, geometry, labels = _outputs("coordatt", photos)
     options = MapOptions(maps="all", map_size=50, map_format="png")
-    attention = build_result(out.probs[0], out.records, out.summary, geometry, labels, options)[
+    attention = image_result(out.probs[0], out.records, out.summary, geometry, labels, options)[
         "attention"
     ]
     picture = Image.open(io.BytesIO(base64.b64decode(attention["summary"]["png"])))
@@ -149,7 +152,7 @@ def test_png_colours_follow_the_values() -> None:
     geometry = square(8)
     ramp = torch.linspace(0, 1, 8).repeat(8, 1)
     summary = ramp[None]
-    result = build_result(
+    result = image_result(
         torch.tensor([1.0]), [], summary, geometry, ("x",), MapOptions(map_size=8, map_format="png")
     )
     pixels = np.asarray(
@@ -162,14 +165,72 @@ def test_png_colours_follow_the_values() -> None:
 def test_map_numbers_print_as_their_three_decimal_rounding() -> None:
     """Map data is held as float32 where that is exact for 3 decimals; the JSON text is the
     same as from float64 values rounded to 3 decimals, and large values stay float64."""
-    from service.maps import _encode
+    from service.maps import _rounded
 
     rng = np.random.default_rng(0)
     for low, high in ((0.0, 1.0), (-16383.0, 16383.0), (1e5, 2e5)):
         values = torch.from_numpy(rng.uniform(low, high, (64, 64)))
-        entry = _encode(values, "json", (0.0, 1.0))
+        data = _rounded(values)
         expected = np.round(values.numpy(), 3) + 0.0
-        got = orjson.dumps(entry["data"], option=orjson.OPT_SERIALIZE_NUMPY)
+        got = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
         assert got == orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY)
-        assert entry["data"].dtype == (np.float32 if high < 2**14 else np.float64)
+        assert data.dtype == (np.float32 if high < 2**14 else np.float64)
         assert orjson.loads(got) == expected.tolist()
+
+
+def _batch_outputs(block: str, photos: dict) -> tuple:
+    """One forward of three photos: the first and last get maps of the same shape (43 x 64),
+    the middle one (a tall crop) another."""
+    torch.manual_seed(0)
+    model = create_model("resnet_small", block)
+    arrays = [photos["chelsea"], photos["chelsea"][:, :200], photos["coffee"]]
+    prepared = [preprocess(Image.fromarray(a), model.data_config) for a in arrays]
+    batch = torch.stack([p.tensor for p in prepared])
+    out = ModelRunner(block, model, device=CPU).forward(batch, capture=True)
+    return out, [p.geometry for p in prepared]
+
+
+def _one(out: object, i: int) -> tuple:
+    records = [dataclasses.replace(r, tensor=r.tensor[i : i + 1]) for r in out.records]
+    return records, out.summary[i : i + 1]
+
+
+@pytest.mark.parametrize("block", ["gc", "coordatt"])
+def test_batch_maps_equal_each_image_alone(photos: dict, block: str) -> None:
+    """prepare_maps groups images by map shape and level; every image's maps must be what it
+    gets in a batch of its own, whatever the others asked for."""
+    out, geometries = _batch_outputs(block, photos)
+    options = [
+        MapOptions(maps="all"),
+        MapOptions(maps="summary", map_size=30),
+        MapOptions(maps="all"),
+    ]
+    plans = [MapPlan.for_image(g, o) for g, o in zip(geometries, options, strict=True)]
+    assert plans[0].mask.shape == plans[2].mask.shape != plans[1].mask.shape  # type: ignore[union-attr]
+    together = prepare_maps(out.records, out.summary, plans)
+    for i, maps in enumerate(together):
+        (alone,) = prepare_maps(*_one(out, i), [plans[i]])
+        assert maps is not None and alone is not None
+        np.testing.assert_array_equal(maps.summary, alone.summary)
+        assert [(h, s) for h, s, _ in maps.layers] == [(h, s) for h, s, _ in alone.layers]
+        for (_, _, got), (_, _, want) in zip(maps.layers, alone.layers, strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    assert together[1] is not None and together[1].layers == []
+    assert prepare_maps(out.records, out.summary, [None, None, None]) == [None, None, None]
+
+
+def test_batch_maps_are_the_rounded_single_map_resampling(photos: dict) -> None:
+    """The batch path gives each image what `to_original` (used by the v2 route) gives it."""
+    out, geometries = _batch_outputs("gc", photos)
+    plans = [MapPlan.for_image(g, MapOptions(maps="layers")) for g in geometries]
+    context = next(r for r in out.records if r.kind == "context")
+    for i, maps in enumerate(prepare_maps(out.records, out.summary, plans)):
+        grid, mask = map_grid(geometries[i], default_map_size(geometries[i]))
+        want = np.round(to_original(out.summary[i], grid, mask).double().numpy(), 3)
+        np.testing.assert_array_equal(maps.summary, want.astype(np.float32))
+        head, spatial, values = next(e for e in maps.layers if e[0]["layer"] == context.site)
+        view = context.tensor[i, 0] * context.tensor[i, 0].numel()
+        want = np.round(to_original(view, grid, mask).double().numpy(), 3)
+        assert spatial and head["kind"] == "context" and values.max() > 1.0
+        np.testing.assert_allclose(values, want, rtol=0, atol=1e-6)
