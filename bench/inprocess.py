@@ -1,9 +1,10 @@
 """The in-process limit: the service's own pipeline with no HTTP, timed stage by stage.
 
-Per image: `service.imaging.prepare` (decode + preprocess), the model's batch handler from
-`service.pipeline.make_batch_handler` (stack, `ModelRunner.forward` on a `DeviceWorker` with
-attention capture and the summary map, the batch's maps from `service.maps.prepare_maps`, split)
-at a given batch size, `service.maps.build_result` and the route's `ORJSONResponse` encoding.
+Per image: `service.imaging.prepare` (decode + preprocess), the two halves of the model's batch
+handler (`service.pipeline.make_batch_handler`) at a given batch size on a `DeviceWorker`:
+`forward_items` (stack, `ModelRunner.forward` with attention capture and the summary map) and
+`split_items` (the batch's maps, `service.maps.prepare_maps`), then `service.maps.build_result`
+and the route's `ORJSONResponse` encoding.
 The stages run one after another in one process, so the sum is the work the server must do per
 request, minus everything HTTP adds. The budget is split in three parts and the median part
 counts: a burst of other load on a shared machine in one part does not lower the limit, and the
@@ -33,7 +34,7 @@ from models import DataConfig
 from service.api.handlers import ORJSONResponse
 from service.imaging import prepare
 from service.maps import MapOptions, MapPlan, build_result
-from service.pipeline import PredictItem, make_batch_handler
+from service.pipeline import PredictItem, forward_items, split_items
 from service.registry import discover
 from service.settings import Settings
 from service.worker import (
@@ -47,7 +48,7 @@ from service.worker import (
 
 __all__ = ["InProcessPipeline", "LoadedModel", "load_model"]
 
-STAGES = ("decode_preprocess", "forward", "build", "encode")
+STAGES = ("decode_preprocess", "forward", "maps", "build", "encode")
 MAX_ROUNDS = 100_000
 
 
@@ -125,7 +126,6 @@ class InProcessPipeline:
         defaults = Settings(models=[])
         settle_gc(defaults.gc_threshold, freeze=defaults.gc_freeze)  # as the server does
         self.threads = self._loop.run_until_complete(self._worker.run(torch.get_num_threads))
-        self._handler = make_batch_handler(self.model.runner)
 
     def close(self) -> None:
         """Stop the CPU threads, the private event loop and the device worker if it is ours."""
@@ -146,16 +146,18 @@ class InProcessPipeline:
         items = [
             PredictItem(p.tensor, capture, MapPlan.for_image(p.geometry, options)) for p in prepared
         ]
-        outputs = loop.run_until_complete(self._worker.run(self._handler, items))
+        out = loop.run_until_complete(self._worker.run(forward_items, self.model.runner, items))
         t2 = time.perf_counter()
+        outputs = loop.run_until_complete(self._worker.run(split_items, out, items))
+        t3 = time.perf_counter()
         results = [
             build_result(o.probs, o.maps, p.geometry, config.labels, options)
             for o, p in zip(outputs, prepared, strict=True)
         ]
-        t3 = time.perf_counter()
-        bodies = [ORJSONResponse({"model": self.model.name, "results": [r]}).body for r in results]
         t4 = time.perf_counter()
-        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3], sum(len(b) for b in bodies)
+        bodies = [ORJSONResponse({"model": self.model.name, "results": [r]}).body for r in results]
+        t5 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4], sum(len(b) for b in bodies)
 
     def measure(
         self,

@@ -134,16 +134,16 @@ def _steps_table(steps: list[dict[str, Any]]) -> list[str]:
 
 def _stages_table(steps: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| group | model | load | maps | inputs | batch | decode+preprocess | forward | build "
-        "| encode | total | CPU ms/img | server CPU ms/req |",
-        "|" + "---|" * 13,
+        "| group | model | load | maps | inputs | batch | decode+preprocess | forward | maps "
+        "| build | encode | total | CPU ms/img | server CPU ms/req |",
+        "|" + "---|" * 14,
     ]
     for r in steps:
         s, lim = r["limit"]["ms_per_image"], r["limit"]
         lines.append(
             f"| {r['group']} | {r['model']} | {_load(r)} | {r['maps']} | {r['inputs']} "
             f"| {lim['batch_size']} | {s['decode_preprocess']:.3f} | {s['forward']:.3f} "
-            f"| {s['build']:.3f} | {s['encode']:.3f} | {s['total']:.3f} "
+            f"| {s['maps']:.3f} | {s['build']:.3f} | {s['encode']:.3f} | {s['total']:.3f} "
             f"| {lim['cpu_ms_per_image']:.3f} | {r['cpu']['server_cpu_ms_per_request']:.3f} |"
         )
     return lines

@@ -244,12 +244,14 @@ def prepare_maps(
     rounding per site for all of them, not one per image (each torch op in a thread pool
     gives the GIL back and waits for it again). Runs on the device thread after the forward.
     """
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # (level, map shape) -> images
     for i, plan in enumerate(plans):
         if plan is not None:
             groups.setdefault((plan.level, tuple(plan.mask.shape)), []).append(i)
-    views = {id(r) for r in spatial_views(records)}
     result: list[ImageMaps | None] = [None] * len(plans)
+    if not groups:
+        return result
+    views = {id(r) for r in spatial_views(records)}
     for (level, _), members in groups.items():
         everyone = members == list(range(len(plans)))
         index = None if everyone else torch.tensor(members)

@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from service.registry import HostedModel
     from service.worker import BatchOutput, ModelRunner
 
-__all__ = ["ItemOutput", "PredictItem", "Predictor", "make_batch_handler"]
+__all__ = [
+    "ItemOutput",
+    "PredictItem",
+    "Predictor",
+    "forward_items",
+    "make_batch_handler",
+    "split_items",
+]
 
 V = TypeVar("V")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -76,8 +83,7 @@ class ItemOutput:
 
 
 def make_batch_handler(runner: ModelRunner) -> Callable[[list[PredictItem]], list[ItemOutput]]:
-    """The batcher's handler, run on a device thread: stack, forward, the maps of the whole
-    batch (`prepare_maps`), one view per item.
+    """The batcher's handler, run on a device thread: `forward_items`, then `split_items`.
 
     Stacking and the maps run on the device thread too: a few ops per batch that never wait
     behind queued decoding work, instead of a few per image in the CPU pool, and the event
@@ -85,13 +91,21 @@ def make_batch_handler(runner: ModelRunner) -> Callable[[list[PredictItem]], lis
     """
 
     def handle(items: list[PredictItem]) -> list[ItemOutput]:
-        capture = any(item.capture for item in items)
-        out = runner.forward(torch.stack([item.tensor for item in items]), capture)
-        plans = [item.maps for item in items]
-        maps = prepare_maps(out.records, out.summary, plans) if capture else [None] * len(items)
-        return [ItemOutput(out, i, m) for i, m in enumerate(maps)]
+        return split_items(forward_items(runner, items), items)
 
     return handle
+
+
+def forward_items(runner: ModelRunner, items: list[PredictItem]) -> BatchOutput:
+    """Stack the items' tensors and run one forward, capturing attention if any item asks."""
+    capture = any(item.capture for item in items)
+    return runner.forward(torch.stack([item.tensor for item in items]), capture)
+
+
+def split_items(out: BatchOutput, items: list[PredictItem]) -> list[ItemOutput]:
+    """One output per item, with the maps of the whole batch prepared at once (`prepare_maps`)."""
+    maps = prepare_maps(out.records, out.summary, [item.maps for item in items])
+    return [ItemOutput(out, i, m) for i, m in enumerate(maps)]
 
 
 class Predictor:

@@ -78,8 +78,9 @@ def _check_row(row: dict) -> None:
     assert len(limit["repeat_rps"]) == 3
     assert sorted(limit["repeat_rps"])[1] == round(limit["limit_rps"], 2)
     stages = limit["ms_per_image"]
-    assert all(stages[k] > 0 for k in ("decode_preprocess", "forward", "build", "encode"))
-    parts = sum(stages[k] for k in ("decode_preprocess", "forward", "build", "encode"))
+    names = ("decode_preprocess", "forward", "maps", "build", "encode")
+    assert all(stages[k] > 0 for k in names)
+    parts = sum(stages[k] for k in names)
     assert math.isclose(parts, stages["total"], rel_tol=1e-3)
     assert row["limit_ratio"] == pytest.approx(row["throughput_rps"] / limit["limit_rps"])
 
