@@ -132,13 +132,10 @@ def map_grid(geometry: Geometry, map_size: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def to_original(grid_map: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Resample an (h, w) map on the model input grid onto the original image (zeros outside).
-
-    Few op calls on purpose: in the CPU pool every torch op gives the GIL back and then waits
-    for it behind the event loop."""
+    """Resample one (h, w) map on the model input grid onto the original image (zeros outside);
+    `prepare_maps` does the same for a batch."""
     source = grid_map if grid_map.dtype == torch.float32 else grid_map.float()
-    sampled = F.grid_sample(source[None, None], grid, padding_mode="border", align_corners=False)
-    return sampled[0, 0].mul_(mask)
+    return _resample(source[None], grid, mask[None])[0]
 
 
 def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str, Any]]:
@@ -213,7 +210,9 @@ def _layer_head(record: AttentionRecord) -> dict[str, Any]:
 
 
 def _resample(maps: torch.Tensor, grids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(G, h, w) maps on the model input grid -> (G, rows, cols) on the original images."""
+    """(G, h, w) maps on the model input grid -> (G, rows, cols) on the original images, with
+    `map_grid`'s grids (G, rows, cols, 2) and masks (G, rows, cols). Few op calls on purpose:
+    each gives the GIL back and waits for it again."""
     sampled = F.grid_sample(maps[:, None], grids, padding_mode="border", align_corners=False)
     return sampled[:, 0].mul_(masks)
 

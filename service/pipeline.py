@@ -1,8 +1,9 @@
 """The per-request flow: decode -> batch -> predict -> unbatch -> build the response data.
 
-Decoding, preprocessing and response building run in the CPU pool, the forward pass on the
-device thread (through the model's batcher); the event loop only coordinates. A request whose
-client went away is cancelled, so the batcher drops its items before they reach the device.
+Decoding, preprocessing and response building run in the CPU pool; the forward pass, and the
+attention maps of the whole batch, on the device thread (through the model's batcher); the event
+loop only coordinates. A request whose client went away is cancelled, so the batcher drops its
+items before they reach the device.
 """
 
 from __future__ import annotations
