@@ -1,15 +1,14 @@
 """The in-process limit: the service's own pipeline with no HTTP, timed stage by stage.
 
-Per image: `service.imaging.prepare` (decode + preprocess), the two halves of the model's batch
-handler (`service.pipeline.make_batch_handler`) at a given batch size on a `DeviceWorker`:
-`forward_items` (stack, `ModelRunner.forward` with attention capture and the summary map) and
-`split_items` (the batch's maps, `service.maps.prepare_maps`), then `service.maps.build_result`
-and the route's `ORJSONResponse` encoding.
-The stages run one after another in one process, so the sum is the work the server must do per
-request, minus everything HTTP adds. The budget is split in three parts and the median part
-counts: a burst of other load on a shared machine in one part does not lower the limit, and the
-limit is not the luckiest of three short parts either (the service's rate it is compared with
-is the mean over its whole window).
+Per image: `service.pipeline.prepare_items` (decode, preprocess, map plan), the two halves of the
+model's batch handler (`service.pipeline.make_batch_handler`) at a given batch size on a
+`DeviceWorker`: `forward_items` (stack, `ModelRunner.forward` with attention capture and the summary
+map) and `split_items` (the batch's maps, `service.maps.prepare_maps`), then
+`service.maps.build_result` and the route's `ORJSONResponse` encoding. The stages run one after
+another in one process, so the sum is the work the server must do per request, minus everything HTTP
+adds. The budget is split in three parts and the median part counts: a burst of other load on a
+shared machine in one part does not lower the limit, and the limit is not the luckiest of three
+short parts either (the service's rate it is compared with is the mean over its whole window).
 
 With `instances` > 1 the pipeline runs that many of those sequences side by side (one CPU thread
 each, feeding a device worker with as many instances), the in-process form of a server with
@@ -32,9 +31,8 @@ import torch
 
 from models import DataConfig
 from service.api.handlers import ORJSONResponse
-from service.imaging import prepare
-from service.maps import MapOptions, MapPlan, build_result
-from service.pipeline import PredictItem, forward_items, split_items
+from service.maps import MapOptions, build_result
+from service.pipeline import forward_items, prepare_items, split_items
 from service.registry import discover
 from service.settings import Settings
 from service.worker import (
@@ -140,19 +138,16 @@ class InProcessPipeline:
         """One batch through every stage: seconds per stage and the encoded bytes."""
         config = self.model.data_config
         t0 = time.perf_counter()
-        prepared = [prepare(d, [config], max_pixels=self.max_pixels)[0] for d in images]
+        pairs = [prepare_items(d, [config], options, max_pixels=self.max_pixels)[0] for d in images]
         t1 = time.perf_counter()
-        capture = options.maps != "none"
-        items = [
-            PredictItem(p.tensor, capture, MapPlan.for_image(p.geometry, options)) for p in prepared
-        ]
+        items = [item for _, item in pairs]
         out = loop.run_until_complete(self._worker.run(forward_items, self.model.runner, items))
         t2 = time.perf_counter()
         outputs = loop.run_until_complete(self._worker.run(split_items, out, items))
         t3 = time.perf_counter()
         results = [
             build_result(o.probs, o.maps, p.geometry, config.labels, options)
-            for o, p in zip(outputs, prepared, strict=True)
+            for o, (p, _) in zip(outputs, pairs, strict=True)
         ]
         t4 = time.perf_counter()
         bodies = [ORJSONResponse({"model": self.model.name, "results": [r]}).body for r in results]

@@ -148,11 +148,17 @@ class Predictor:
     async def _cpu(self, fn: Callable[..., V], *args: Any) -> V:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _prepare(self, data: bytes, configs: list[DataConfig], label: str) -> list[Prepared]:
-        """Decode and preprocess in the pool; errors name the image when there are several."""
+    async def _prepare(
+        self, data: bytes, configs: list[DataConfig], label: str, options: MapOptions
+    ) -> list[tuple[Prepared, PredictItem]]:
+        """Decode, preprocess and plan the maps in the pool (a new image size builds its
+        sampling grid there, not on the event loop); errors name the image when there are
+        several."""
         try:
             return await self._cpu(
-                functools.partial(prepare, data, configs, max_pixels=self._max_pixels)
+                functools.partial(
+                    prepare_items, data, configs, options, max_pixels=self._max_pixels
+                )
             )
         except (InvalidImage, PayloadTooLarge) as exc:
             if not label:
@@ -171,23 +177,19 @@ class Predictor:
     async def _predict(
         self, hosted: HostedModel, images: list[bytes], options: MapOptions, receive: Receive
     ) -> list[orjson.Fragment]:
-        capture = options.maps != "none"
         if len(images) == 1:  # the common case, without the tasks that gather_all creates
-            (prepared,) = await self._prepare(images[0], [hosted.data_config], "")
-            item = _item(prepared, capture, options)
+            ((prepared, item),) = await self._prepare(images[0], [hosted.data_config], "", options)
             out = await until_disconnect(receive, hosted.submit(item, self._timeout))
             return [await self._cpu(self._encoded, hosted, out, prepared, options)]
         config = [hosted.data_config]
         prepared_all = await gather_all(
-            self._prepare(data, config, f"image {i}") for i, data in enumerate(images)
+            self._prepare(data, config, f"image {i}", options) for i, data in enumerate(images)
         )
-        submits = (
-            hosted.submit(_item(p, capture, options), self._timeout) for (p,) in prepared_all
-        )
+        submits = (hosted.submit(item, self._timeout) for ((_, item),) in prepared_all)
         outputs = await until_disconnect(receive, gather_all(submits))
         return await gather_all(
             self._cpu(self._encoded, hosted, out, p, options)
-            for out, (p,) in zip(outputs, prepared_all, strict=True)
+            for out, ((p, _),) in zip(outputs, prepared_all, strict=True)
         )
 
     async def compare(
@@ -200,16 +202,15 @@ class Predictor:
     async def _compare(
         self, hosted: list[HostedModel], image: bytes, options: MapOptions, receive: Receive
     ) -> list[dict[str, Any]]:
-        prepared = await self._prepare(image, [m.data_config for m in hosted], "")
-        capture = options.maps != "none"
+        configs = [m.data_config for m in hosted]
+        prepared = await self._prepare(image, configs, "", options)
         submits = (
-            m.submit(_item(p, capture, options), self._timeout)
-            for m, p in zip(hosted, prepared, strict=True)
+            m.submit(item, self._timeout) for m, (_, item) in zip(hosted, prepared, strict=True)
         )
         outputs = await until_disconnect(receive, gather_all(submits))
         results = await gather_all(
             self._cpu(self._result, m, out, p, options)
-            for m, out, p in zip(hosted, outputs, prepared, strict=True)
+            for m, out, (p, _) in zip(hosted, outputs, prepared, strict=True)
         )
         return [{"model": m.name, **r} for m, r in zip(hosted, results, strict=True)]
 
@@ -228,8 +229,15 @@ class Predictor:
         return build_result(out.probs, out.maps, prepared.geometry, labels, options)
 
 
-def _item(prepared: Prepared, capture: bool, options: MapOptions) -> PredictItem:
-    return PredictItem(prepared.tensor, capture, MapPlan.for_image(prepared.geometry, options))
+def prepare_items(
+    data: bytes, configs: list[DataConfig], options: MapOptions, *, max_pixels: int
+) -> list[tuple[Prepared, PredictItem]]:
+    """One image decoded and preprocessed for each config, with the item to queue for it."""
+    capture = options.maps != "none"
+    return [
+        (p, PredictItem(p.tensor, capture, MapPlan.for_image(p.geometry, options)))
+        for p in prepare(data, configs, max_pixels=max_pixels)
+    ]
 
 
 async def gather_all(awaitables: Iterable[Awaitable[V]]) -> list[V]:

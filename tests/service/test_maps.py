@@ -234,3 +234,21 @@ def test_batch_maps_are_the_rounded_single_map_resampling(photos: dict) -> None:
         want = np.round(to_original(view, grid, mask).double().numpy(), 3)
         assert spatial and head["kind"] == "context" and values.max() > 1.0
         np.testing.assert_allclose(values, want, rtol=0, atol=1e-6)
+
+
+def test_prepare_items_plans_each_configs_maps(photos: dict) -> None:
+    """The pool job of a request: one item per model config, with the map plan for its
+    geometry (or none, and no capture, for maps=none)."""
+    from service.pipeline import prepare_items
+    from tests.conftest import encode
+
+    data = encode(photos["chelsea"], "JPEG")
+    configs = [create_model("resnet_small").data_config, create_model("resnet18").data_config]
+    pairs = prepare_items(data, configs, MapOptions(maps="all", map_size=30), max_pixels=10**8)
+    assert len(pairs) == 2
+    for (prepared, item), config in zip(pairs, configs, strict=True):
+        assert item.tensor is prepared.tensor and item.tensor.shape == config.input_size
+        assert item.capture and item.maps is not None and item.maps.level == "all"
+        assert tuple(item.maps.mask.shape) == output_size(451, 300, 30) == (20, 30)
+    ((_, item),) = prepare_items(data, configs[:1], MapOptions(maps="none"), max_pixels=10**8)
+    assert not item.capture and item.maps is None
