@@ -71,7 +71,7 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "attnserve_inference_duration_seconds",
-            "Time the batch handler took (stack, forward on the device, split).",
+            "Time the batch handler took (stack, forward on the device, the batch's maps, split).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
