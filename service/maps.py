@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,20 +151,6 @@ def top_k(probs: torch.Tensor, labels: tuple[str, ...], k: int) -> list[dict[str
     ]
 
 
-def _rounded(values: torch.Tensor) -> np.ndarray:
-    """Map numbers rounded to 3 decimals, as a numpy array the response encoder writes directly
-    (nested lists in JSON, no Python float object per value).
-
-    Rounded in float64, then held as float32 where that prints the same text (every value below
-    2**14 in magnitude: the float32 spacing there is under 0.001), which orjson writes about a
-    quarter faster. Called once per site for a whole batch.
-    """
-    rounded = np.round(values.numpy().astype(np.float64), MAP_DECIMALS) + 0.0  # no -0.0
-    if rounded.size and np.abs(rounded).max() < _FLOAT32_EXACT:
-        return rounded.astype(np.float32)
-    return rounded
-
-
 def _entry(values: np.ndarray, fmt: str, value_range: tuple[float, float]) -> dict[str, Any]:
     """{"shape", "data"} for JSON numbers, or {"shape", "png", "range"} for 2-D PNG output."""
     entry: dict[str, Any] = {"shape": list(values.shape)}
@@ -211,26 +198,68 @@ def _layer_head(record: AttentionRecord) -> dict[str, Any]:
 
 def _resample(maps: torch.Tensor, grids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """(G, h, w) maps on the model input grid -> (G, rows, cols) on the original images, with
-    `map_grid`'s grids (G, rows, cols, 2) and masks (G, rows, cols). Few op calls on purpose:
-    each gives the GIL back and waits for it again."""
+    `map_grid`'s grids (G, rows, cols, 2) and masks (G, rows, cols)."""
     sampled = F.grid_sample(maps[:, None], grids, padding_mode="border", align_corners=False)
     return sampled[:, 0].mul_(masks)
 
 
-def _spatial_view(record: AttentionRecord) -> torch.Tensor:
-    """(N, h, w) view of a spatial-like record; GC context masks times h*w (uniform = 1)."""
-    view = record.tensor[:, 0].float()
-    if record.kind == "context":
-        view = view * (view.shape[-2] * view.shape[-1])
-    return view
+def _rounded(values: torch.Tensor) -> torch.Tensor:
+    """Map numbers rounded to 3 decimals, the way numpy.round does it (scale, round half to
+    even, unscale, in float64), no -0.0; then float32 where that prints the same text (every
+    value below 2**14 in magnitude: the float32 spacing there is under 0.001), which orjson
+    writes about a quarter faster."""
+    scale = 1000.0  # 10 ** MAP_DECIMALS
+    rounded = torch.round(values.double() * scale) / scale + 0.0
+    if rounded.numel() > 0 and bool(rounded.abs().max() < 16384.0):  # _FLOAT32_EXACT
+        return rounded.float()
+    return rounded
 
 
-def _raw(record: AttentionRecord) -> torch.Tensor:
-    """A non-spatial tensor at native resolution (coord gates lose their singleton axis)."""
-    tensor = record.tensor.float()
-    if record.kind in ("coord_h", "coord_w"):
-        tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-    return tensor
+def _group_maps(
+    spatial: list[torch.Tensor],
+    context: list[bool],
+    raw: list[torch.Tensor],
+    coord: list[bool],
+    index: torch.Tensor | None,
+    grids: torch.Tensor,
+    masks: torch.Tensor,
+) -> list[torch.Tensor]:
+    """One group's maps, rounded: each spatial view ((N, 1, h, w) records or the (N, H, W)
+    summary; GC context masks times h*w so uniform = 1) resampled onto the original images,
+    then each raw tensor at native resolution (coordinate gates lose their singleton axis).
+    `index` picks the group's images from the batch (None: all of them).
+
+    Run as TorchScript (`_group_maps_graph`), so the whole group is one call that holds no GIL:
+    op by op from Python, the device thread gave the GIL back and waited for it again dozens of
+    times per batch, behind the event loop and the CPU pool."""
+    out: list[torch.Tensor] = []
+    for i in range(len(spatial)):
+        view = spatial[i] if index is None else spatial[i].index_select(0, index)
+        view = view.float()
+        if view.dim() == 4:
+            view = view[:, 0]
+        if context[i]:
+            view = view * (view.shape[-2] * view.shape[-1])
+        out.append(_rounded(_resample(view, grids, masks)))
+    for j in range(len(raw)):
+        tensor = raw[j] if index is None else raw[j].index_select(0, index)
+        tensor = tensor.float()
+        if coord[j]:
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        out.append(_rounded(tensor))
+    return out
+
+
+def _script(fn: Any) -> Any:
+    """`torch.jit.script`, without the deprecation warning torch 2.13 gives for it: TorchScript
+    is what runs a whole function without the GIL here, as for the traced models
+    (`service.graph`). The functions it calls are compiled with it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(fn)
+
+
+_group_maps_graph = _script(_group_maps)
 
 
 def prepare_maps(
@@ -239,9 +268,9 @@ def prepare_maps(
     """Every image's maps for a whole batch (records and summary with a batch dimension),
     resampled onto each original image and rounded, ready to encode; None where no plan.
 
-    Images that share a map shape and level are done together: one grid_sample and one
-    rounding per site for all of them, not one per image (each torch op in a thread pool
-    gives the GIL back and waits for it again). Runs on the device thread after the forward.
+    Images that share a map shape and level are done together, in one `_group_maps` call: one
+    grid_sample and one rounding per site for all of them, not one per image. Runs on the
+    device thread after the forward.
     """
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # (level, map shape) -> images
     for i, plan in enumerate(plans):
@@ -252,24 +281,28 @@ def prepare_maps(
         return result
     views = {id(r) for r in spatial_views(records)}
     for (level, _), members in groups.items():
-        everyone = members == list(range(len(plans)))
-        index = None if everyone else torch.tensor(members)
-
-        def select(tensor: torch.Tensor, index: torch.Tensor | None = index) -> torch.Tensor:
-            return tensor if index is None else tensor.index_select(0, index)
-
+        index = None if members == list(range(len(plans))) else torch.tensor(members)
         grids = torch.cat([plans[i].grid for i in members])  # type: ignore[union-attr]
         masks = torch.stack([plans[i].mask for i in members])  # type: ignore[union-attr]
-        summaries = None
+        chosen = [r for r in records if level in ("layers", "all") and id(r) in views]
+        raw = [r for r in records if level == "all" and r.kind not in _SPATIAL_KINDS]
+        view_tensors = [r.tensor for r in chosen]
+        context = [r.kind == "context" for r in chosen]
         if summary is not None:
-            summaries = _rounded(_resample(select(summary), grids, masks))
-        layers: list[tuple[dict[str, Any], bool, np.ndarray]] = []
-        for record in records if level in ("layers", "all") else ():
-            if id(record) in views:
-                mapped = _resample(select(_spatial_view(record)), grids, masks)
-                layers.append((_layer_head(record), True, _rounded(mapped)))
-            elif level == "all" and record.kind not in _SPATIAL_KINDS:
-                layers.append((_layer_head(record), False, _rounded(select(_raw(record)))))
+            view_tensors.insert(0, summary)
+            context.insert(0, False)
+        coord = [r.kind in ("coord_h", "coord_w") for r in raw]
+        arrays = [
+            t.numpy()
+            for t in _group_maps_graph(
+                view_tensors, context, [r.tensor for r in raw], coord, index, grids, masks
+            )
+        ]
+        summaries = arrays.pop(0) if summary is not None else None
+        mapped = dict(zip([id(r) for r in chosen + raw], arrays, strict=True))
+        layers = [
+            (_layer_head(r), id(r) in views, mapped[id(r)]) for r in records if id(r) in mapped
+        ]
         for g, i in enumerate(members):
             result[i] = ImageMaps(
                 None if summaries is None else summaries[g],

@@ -170,7 +170,7 @@ def test_map_numbers_print_as_their_three_decimal_rounding() -> None:
     rng = np.random.default_rng(0)
     for low, high in ((0.0, 1.0), (-16383.0, 16383.0), (1e5, 2e5)):
         values = torch.from_numpy(rng.uniform(low, high, (64, 64)))
-        data = _rounded(values)
+        data = _rounded(values).numpy()
         expected = np.round(values.numpy(), 3) + 0.0
         got = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
         assert got == orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -252,3 +252,35 @@ def test_prepare_items_plans_each_configs_maps(photos: dict) -> None:
         assert tuple(item.maps.mask.shape) == output_size(451, 300, 30) == (20, 30)
     ((_, item),) = prepare_items(data, configs[:1], MapOptions(maps="none"), max_pixels=10**8)
     assert not item.capture and item.maps is None
+
+
+def test_the_scripted_group_maps_equal_the_eager_ones() -> None:
+    """prepare_maps runs `_group_maps` as TorchScript; it must give what the Python does."""
+    from service.maps import _group_maps, _group_maps_graph
+
+    rng = torch.Generator().manual_seed(0)
+    views = [torch.rand(3, 1, 7, 7, generator=rng), torch.rand(3, 14, 14, generator=rng) * 5e4]
+    raw = [torch.rand(3, 8, 5, 1, generator=rng), torch.rand(3, 16, generator=rng) - 0.5]
+    geometry = Geometry(50, 40, 32, 32, 0, 0, 32, 32)
+    grid, mask = map_grid(geometry, 20)
+    for index in (None, torch.tensor([0, 2])):
+        n = 3 if index is None else 2
+        args = (
+            views,
+            [True, False],
+            raw,
+            [True, False],
+            index,
+            grid.expand(n, -1, -1, -1),
+            mask.expand(n, -1, -1),
+        )
+        eager, scripted = _group_maps(*args), _group_maps_graph(*args)
+        assert [t.shape for t in scripted] == [(n, 16, 20), (n, 16, 20), (n, 8, 5), (n, 16)]
+        assert [t.dtype for t in scripted] == [
+            torch.float32,
+            torch.float64,
+            torch.float32,
+            torch.float32,
+        ]
+        for want, got in zip(eager, scripted, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
