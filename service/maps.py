@@ -46,7 +46,6 @@ MAP_DECIMALS = 3
 PNG_COMPRESS_LEVEL = 1
 MAX_DEFAULT_MAP_SIZE = 64
 MIN_MAP_SIZE = 8
-_FLOAT32_EXACT = 2.0**14  # below it, float32 keeps every 3-decimal value's shortest text
 _SPATIAL_KINDS = ("spatial", "context")
 # Viridis anchor colours; the PNG colour scale interpolates linearly between them.
 _ANCHORS = np.array(
@@ -208,9 +207,9 @@ def _rounded(values: torch.Tensor) -> torch.Tensor:
     even, unscale, in float64), no -0.0; then float32 where that prints the same text (every
     value below 2**14 in magnitude: the float32 spacing there is under 0.001), which orjson
     writes about a quarter faster."""
-    scale = 1000.0  # 10 ** MAP_DECIMALS
+    scale = 1000.0  # 10 ** MAP_DECIMALS (TorchScript reads no module globals)
     rounded = torch.round(values.double() * scale) / scale + 0.0
-    if rounded.numel() > 0 and bool(rounded.abs().max() < 16384.0):  # _FLOAT32_EXACT
+    if rounded.numel() > 0 and bool(rounded.abs().max() < 16384.0):  # 2 ** 14
         return rounded.float()
     return rounded
 
