@@ -219,18 +219,24 @@ def _group_maps(
     context: list[bool],
     raw: list[torch.Tensor],
     coord: list[bool],
-    index: torch.Tensor | None,
-    grids: torch.Tensor,
-    masks: torch.Tensor,
-) -> list[torch.Tensor]:
+    members: list[int] | None,
+    grid_list: list[torch.Tensor],
+    mask_list: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """One group's maps, rounded: each spatial view ((N, 1, h, w) records or the (N, H, W)
-    summary; GC context masks times h*w so uniform = 1) resampled onto the original images,
-    then each raw tensor at native resolution (coordinate gates lose their singleton axis).
-    `index` picks the group's images from the batch (None: all of them).
+    summary; GC context masks times h*w so uniform = 1) resampled onto the original images
+    with their `map_grid` grids and masks, then each raw tensor at native resolution
+    (coordinate gates lose their singleton axis). `members` are the group's images in the
+    batch (None: all of them).
 
-    Run as TorchScript (`_group_maps_graph`), so the whole group is one call that holds no GIL:
-    op by op from Python, the device thread gave the GIL back and waited for it again dozens of
-    times per batch, behind the event loop and the CPU pool."""
+    Returns the maps and the input lists. Run as TorchScript (`_group_maps_graph`), so the
+    whole group, joining the grids included, is one call that holds no GIL: op by op from
+    Python, the device thread gave the GIL back and waited for it again dozens of times per
+    batch, behind the event loop and the CPU pool. The inputs are returned so that their last
+    C++ references drop after the call, under the GIL, not inside it (see service.graph)."""
+    index: torch.Tensor | None = None if members is None else torch.tensor(members)
+    grids = torch.cat(grid_list)
+    masks = torch.stack(mask_list)
     out: list[torch.Tensor] = []
     for i in range(len(spatial)):
         view = spatial[i] if index is None else spatial[i].index_select(0, index)
@@ -246,7 +252,7 @@ def _group_maps(
         if coord[j]:
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
         out.append(_rounded(tensor))
-    return out
+    return out, [spatial, raw, grid_list, mask_list]
 
 
 def _script(fn: Any) -> Any:
@@ -280,9 +286,9 @@ def prepare_maps(
         return result
     views = {id(r) for r in spatial_views(records)}
     for (level, _), members in groups.items():
-        index = None if members == list(range(len(plans))) else torch.tensor(members)
-        grids = torch.cat([plans[i].grid for i in members])  # type: ignore[union-attr]
-        masks = torch.stack([plans[i].mask for i in members])  # type: ignore[union-attr]
+        subset = None if members == list(range(len(plans))) else members
+        grids = [plans[i].grid for i in members]  # type: ignore[union-attr]
+        masks = [plans[i].mask for i in members]  # type: ignore[union-attr]
         chosen = [r for r in records if level in ("layers", "all") and id(r) in views]
         raw = [r for r in records if level == "all" and r.kind not in _SPATIAL_KINDS]
         view_tensors = [r.tensor for r in chosen]
@@ -294,8 +300,8 @@ def prepare_maps(
         arrays = [
             t.numpy()
             for t in _group_maps_graph(
-                view_tensors, context, [r.tensor for r in raw], coord, index, grids, masks
-            )
+                view_tensors, context, [r.tensor for r in raw], coord, subset, grids, masks
+            )[0]
         ]
         summaries = arrays.pop(0) if summary is not None else None
         mapped = dict(zip([id(r) for r in chosen + raw], arrays, strict=True))

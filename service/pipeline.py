@@ -98,9 +98,10 @@ def make_batch_handler(runner: ModelRunner) -> Callable[[list[PredictItem]], lis
 
 
 def forward_items(runner: ModelRunner, items: list[PredictItem]) -> BatchOutput:
-    """Stack the items' tensors and run one forward, capturing attention if any item asks."""
+    """One forward of the items' tensors (stacked by the traced graph itself, see
+    service.graph), capturing attention if any item asks."""
     capture = any(item.capture for item in items)
-    return runner.forward(torch.stack([item.tensor for item in items]), capture)
+    return runner.forward([item.tensor for item in items], capture)
 
 
 def split_items(out: BatchOutput, items: list[PredictItem]) -> list[ItemOutput]:

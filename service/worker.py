@@ -25,7 +25,7 @@ import torch
 
 from models import AttentionRecord, capture_attention, summary_map
 from service.errors import NotReady
-from service.graph import TracedForward, trace_forward
+from service.graph import Batch, TracedForward, trace_forward
 
 __all__ = ["BatchOutput", "DeviceWorker", "ModelRunner", "default_instances", "resolve_device"]
 
@@ -311,8 +311,19 @@ class ModelRunner:
     def traced(self) -> bool:
         return self._graph is not None
 
-    def forward(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
-        """Classify a CPU batch (N, C, H, W); with `capture`, also return attention and summary."""
+    def forward(self, batch: Batch, capture: bool) -> BatchOutput:
+        """Classify a CPU batch (N, C, H, W), or a list of (C, H, W) images; with `capture`, also
+        return attention and summary. A traced model stacks the list inside its graph (no GIL
+        hand-over for the stack, see service.graph)."""
+        if isinstance(batch, list):
+            if any(image.ndim != 3 for image in batch):
+                shapes = [tuple(image.shape) for image in batch]
+                raise ValueError(f"expected (C, H, W) images, got shapes {shapes}")
+            if self._graph is None or self.channels_last:
+                batch = torch.stack(batch)
+            else:
+                with torch.inference_mode():
+                    return self._forward_graph(self._graph, batch, capture)
         if batch.ndim != 4:
             raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(batch.shape)}")
         with torch.inference_mode():
@@ -358,12 +369,16 @@ class ModelRunner:
         ]
         return _concat(parts)
 
+    def _forward_graph(self, graph: TracedForward, x: Batch, capture: bool) -> BatchOutput:
+        """Through the traced graphs, which include the softmax and the summary map."""
+        if capture:
+            return BatchOutput(*graph.capture(x))
+        return BatchOutput(graph.plain(x), [], None)
+
     def _forward_once(self, batch: torch.Tensor, capture: bool) -> BatchOutput:
         x = self._to_device(batch)
-        if self._graph is not None:  # softmax and summary map are inside the graphs
-            if capture:
-                return BatchOutput(*self._graph.capture(x))
-            return BatchOutput(self._graph.plain(x), [], None)
+        if self._graph is not None:
+            return self._forward_graph(self._graph, x, capture)
         records: list[AttentionRecord] = []
         summary = None
         # Capture hooks go on the shared module, and any forward of it would feed them: with

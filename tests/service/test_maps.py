@@ -263,18 +263,10 @@ def test_the_scripted_group_maps_equal_the_eager_ones() -> None:
     raw = [torch.rand(3, 8, 5, 1, generator=rng), torch.rand(3, 16, generator=rng) - 0.5]
     geometry = Geometry(50, 40, 32, 32, 0, 0, 32, 32)
     grid, mask = map_grid(geometry, 20)
-    for index in (None, torch.tensor([0, 2])):
-        n = 3 if index is None else 2
-        args = (
-            views,
-            [True, False],
-            raw,
-            [True, False],
-            index,
-            grid.expand(n, -1, -1, -1),
-            mask.expand(n, -1, -1),
-        )
-        eager, scripted = _group_maps(*args), _group_maps_graph(*args)
+    for members in (None, [0, 2]):
+        n = 3 if members is None else 2
+        args = (views, [True, False], raw, [True, False], members, [grid] * n, [mask] * n)
+        eager, scripted = _group_maps(*args)[0], _group_maps_graph(*args)[0]
         assert [t.shape for t in scripted] == [(n, 16, 20), (n, 16, 20), (n, 8, 5), (n, 16)]
         assert [t.dtype for t in scripted] == [
             torch.float32,
