@@ -2,8 +2,8 @@
 
 Per image: `service.pipeline.prepare_items` (decode, preprocess, map plan), the two halves of the
 model's batch handler (`service.pipeline.make_batch_handler`) at a given batch size on a
-`DeviceWorker`: `forward_items` (stack, `ModelRunner.forward` with attention capture and the summary
-map) and `split_items` (the batch's maps, `service.maps.prepare_maps`), then
+`DeviceWorker`: `forward_items` (`ModelRunner.forward` of the images, with attention capture and
+the summary map) and `split_items` (the batch's maps, `service.maps.prepare_maps`), then
 `service.maps.build_result` and the route's `ORJSONResponse` encoding. The stages run one after
 another in one process, so the sum is the work the server must do per request, minus everything HTTP
 adds. The budget is split in three parts and the median part counts: a burst of other load on a
