@@ -1,10 +1,10 @@
-"""The inference routes as plain Starlette routes, mounted ahead of the FastAPI routers.
+"""The inference routes as plain Starlette routes, served ahead of FastAPI's middleware stack.
 
-FastAPI's per-request handling (parameter solving, response processing) was about a third of
-the event loop's Python time per request at c=64 (README "Benchmarks"). The busiest routes (v1
-predict, v2 infer) are therefore matched first by plain routes that call the same code; the
-FastAPI routes of the same paths stay for the OpenAPI document. Errors still go through the
-app's exception handlers, and the request metrics see the same route template.
+FastAPI's per-request handling (parameter solving, response processing, then the ASGI layers
+around every route) was most of the event loop's Python time per request at c=64 (README
+"Benchmarks"). The busiest routes (v1 predict, v2 infer) are therefore plain routes that
+`service.app.AttnServe` matches and serves itself, with the same request metrics and the same
+exception handlers; the FastAPI routes of the same paths stay for the OpenAPI document.
 """
 
 from __future__ import annotations

@@ -342,6 +342,26 @@ async def test_unexpected_errors_are_generic(served: Served) -> None:
 
 
 @module_loop
+async def test_unexpected_errors_on_the_inference_routes_are_generic(
+    served: Served, digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inference routes are served ahead of FastAPI's middleware (service.app.AttnServe):
+    an unexpected error there still gets the generic 500 body and is counted."""
+
+    async def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(served.app.state.services.predictor, "predict", boom)
+    response = await served.client.post(
+        "/v1/models/tiny-se/predict", **raw(digits[2][1], "image/png")
+    )
+    check_error(response, 500, "internal_error")
+    assert "secret" not in response.text and "Traceback" not in response.text
+    text = (await served.client.get("/metrics")).text
+    assert 'model="tiny-se",route="/v1/models/{name}/predict",status="500"' in text
+
+
+@module_loop
 async def test_metrics(served: Served, digits) -> None:
     await served.client.post("/v1/models/tiny-se/predict", **raw(digits[2][1], "image/png"))
     text = (await served.client.get("/metrics")).text
@@ -635,3 +655,30 @@ def test_empty_repository_serves_random_digit_models(
     ]
     with pytest.raises(ConfigError, match="digits-cbam"):
         create_app(Settings(model_repository=tmp_path, models=["tiny-se"]))
+
+
+@module_loop
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_opentelemetry_setting_decides_whether_requests_look_for_a_provider(
+    model_repository: Path, monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    """FastAPI's own OpenTelemetry looks up the global tracer provider on every request; with
+    the setting off (the default) no request does."""
+    from opentelemetry import trace
+
+    lookups = []
+    original = trace.get_tracer_provider
+
+    def counting() -> Any:
+        lookups.append(1)
+        return original()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", counting)
+    settings = Settings(
+        model_repository=model_repository, models=["tiny-se"], opentelemetry=enabled
+    )
+    async with serve(settings) as served:
+        before = len(lookups)
+        for _ in range(3):
+            assert (await served.client.get("/health/live")).status_code == 200
+        assert (len(lookups) - before >= 3) is enabled
