@@ -176,8 +176,10 @@ class Batcher(Generic[T, R]):
                     f"queue of model {self.name!r} is full ({self.max_queue_size} waiting)",
                     retry_after=self._retry_after(),
                 )
+        loop = self._event_loop
+        assert loop is not None  # set by start()
         now = time.monotonic()
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[R] = loop.create_future()
         deadline = None if timeout is None else now + timeout
         with self._lock:
             self._queue.append(_Item(item, future, now, deadline))
@@ -185,13 +187,20 @@ class Batcher(Generic[T, R]):
         self._notify_depth()
         if timeout is None:
             return await future
+        # A timer that fails the future, not asyncio.timeout(): same effect (the batcher drops
+        # an item whose future is done), without cancelling the caller's task and looking up
+        # the running loop and task on every request.
+        timer = loop.call_later(timeout, self._time_out, future, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"model {self.name!r} did not answer within {timeout:g}s"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _time_out(self, future: asyncio.Future[Any], timeout: float) -> None:
+        if not future.done():
+            future.set_exception(
+                DeadlineExceeded(f"model {self.name!r} did not answer within {timeout:g}s")
+            )
 
     async def _loop(self) -> None:
         """Collect batches and hand each to its own task until stopped and drained.
