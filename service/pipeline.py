@@ -288,7 +288,8 @@ async def until_disconnect(
     try:
         return await task
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():  # the watcher saw the disconnect
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            # the watcher saw the disconnect and cancelled the work
             message = "the client disconnected before the answer was ready"
             raise ClientDisconnected(message) from None
         raise
