@@ -7,6 +7,7 @@ exists in the app's /metrics, and the image's exact start command serves and dra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -270,13 +271,13 @@ def _wait_ready(get: Callable[[str], int], alive: Callable[[], bool]) -> None:
     pytest.fail(f"not ready within {READY_WITHIN_S} s")
 
 
-def test_dashboard_queries_exist_in_the_service_metrics(
+async def test_dashboard_queries_exist_in_the_service_metrics(
     model_repository: Path,
     coins_png: bytes,
     dashboard_gaps: Callable[[str], list[str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fastapi.testclient import TestClient
+    import httpx
 
     from service.app import create_app
     from service.settings import ENV_PREFIX, Settings
@@ -284,15 +285,20 @@ def test_dashboard_queries_exist_in_the_service_metrics(
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     settings = Settings(model_repository=model_repository, max_batch_size=4, device="cpu")
-    with TestClient(create_app(settings)) as client:
-        _wait_ready(lambda path: client.get(path).status_code, lambda: True)
-        answer = client.post(
-            "/v1/models/deploy-probe/predict",
-            content=coins_png,
-            headers={"content-type": "image/png"},
-        )
-        assert answer.status_code == 200, answer.text
-        text = client.get("/metrics").text
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://attnserve") as client:
+            async with asyncio.timeout(READY_WITHIN_S):
+                while (await client.get("/health/ready")).status_code != 200:
+                    await asyncio.sleep(0.2)
+            answer = await client.post(
+                "/v1/models/deploy-probe/predict",
+                content=coins_png,
+                headers={"content-type": "image/png"},
+            )
+            assert answer.status_code == 200, answer.text
+            text = (await client.get("/metrics")).text
     assert dashboard_gaps(text) == []
 
 
