@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +19,7 @@ import orjson
 import torch
 
 from models import AttentionRecord, DataConfig
+from service.cpupool import CpuPool
 from service.errors import ClientDisconnected, InvalidImage, PayloadTooLarge
 from service.imaging import Prepared, prepare
 from service.maps import ImageMaps, MapOptions, MapPlan, build_result, prepare_maps
@@ -113,7 +113,7 @@ def split_items(out: BatchOutput, items: list[PredictItem]) -> list[ItemOutput]:
 class Predictor:
     """Runs requests through hosted models using the shared CPU pool."""
 
-    def __init__(self, pool: Executor, *, max_image_pixels: int, request_timeout_s: float) -> None:
+    def __init__(self, pool: CpuPool, *, max_image_pixels: int, request_timeout_s: float) -> None:
         self._pool = pool
         self._max_pixels = max_image_pixels
         self._timeout = request_timeout_s
@@ -149,7 +149,7 @@ class Predictor:
     async def _cpu(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., V], *args: Any) -> V:
         """`fn(*args)` in the CPU pool. The caller passes its running loop: on Python 3.11
         every `asyncio.get_running_loop()` is a getpid system call."""
-        return await loop.run_in_executor(self._pool, fn, *args)
+        return await self._pool.call(loop, fn, *args)
 
     async def _prepare(
         self,

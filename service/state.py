@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, Request
 
+from service.cpupool import CpuPool
 from service.errors import BatcherStopped, NotReady
 from service.metrics import Metrics
 from service.pipeline import Predictor
@@ -43,7 +43,7 @@ class Services:
         self.metrics = Metrics()
         self.registry = ModelRegistry(sources, settings.block_routes)
         self.worker: DeviceWorker | None = None
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: CpuPool | None = None
         self._predictor: Predictor | None = None
         self._loader: asyncio.Task[None] | None = None
         self.accepting = False
@@ -57,9 +57,7 @@ class Services:
         instances = self.settings.instances or default_instances(self.device)
         self.worker = DeviceWorker(self.device, instances=instances)
         threads = self.settings.cpu_threads
-        self.pool = ThreadPoolExecutor(
-            threads, thread_name_prefix="attnserve-cpu", initializer=use_one_thread
-        )
+        self.pool = CpuPool(threads, name="attnserve-cpu", initializer=use_one_thread)
         self._predictor = Predictor(
             self.pool,
             max_image_pixels=self.settings.max_image_pixels,
@@ -70,7 +68,7 @@ class Services:
             self._load_models(self.worker, self.pool), name="attnserve-load-models"
         )
 
-    async def _load_models(self, worker: DeviceWorker, pool: ThreadPoolExecutor) -> None:
+    async def _load_models(self, worker: DeviceWorker, pool: CpuPool) -> None:
         """Load every model, then settle the garbage collector (see worker.settle_gc)."""
         await self.registry.load_all(worker, pool, self.settings, self.metrics)
         settle_gc(self.settings.gc_threshold, freeze=self.settings.gc_freeze)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from service.api.v2_codec import InputTensor, OutputTensor, Requested, encode_response
-from service.errors import BadRequest, InvalidImage, PayloadTooLarge
+from service.errors import BadRequest, InvalidImage, NotReady, PayloadTooLarge
 from service.imaging import Geometry, Prepared, prepare
 from service.maps import map_grid, output_size, to_original
 from service.pipeline import ItemOutput, gather_all
@@ -44,8 +44,10 @@ MAP_SIZE = 64
 
 async def cpu(services: Services, fn: Callable[..., V], *args: Any) -> V:
     """Run `fn(*args)` in the service's CPU pool (decoding, normalising, building outputs)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(services.pool, functools.partial(fn, *args))
+    pool = services.pool
+    if pool is None:
+        raise NotReady("the service is starting")
+    return await pool.call(asyncio.get_running_loop(), fn, *args)
 
 
 def _check_count(count: int, services: Services) -> None:
