@@ -1,10 +1,11 @@
 """The inference routes as plain Starlette routes, served ahead of FastAPI's middleware stack.
 
-FastAPI's per-request handling (parameter solving, response processing, then the ASGI layers
-around every route) was most of the event loop's Python time per request at c=64 (README
-"Benchmarks"). The busiest routes (v1 predict, v2 infer) are therefore plain routes that
-`service.app.AttnServe` matches and serves itself, with the same request metrics and the same
-exception handlers; the FastAPI routes of the same paths stay for the OpenAPI document.
+FastAPI's per-request handling (parameter solving, response processing) and the ASGI layers
+around every route took more of the event loop's time at c=64 than the route's own code
+(py-spy, README "Benchmarks"). The busiest routes (v1 predict, v2 infer) are therefore plain
+routes that `service.app.AttnServe` matches and serves itself, with the same request metrics
+and the same exception handlers; the FastAPI routes of the same paths stay for the OpenAPI
+document.
 """
 
 from __future__ import annotations
