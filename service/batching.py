@@ -165,6 +165,13 @@ class Batcher(Generic[T, R]):
         Raises QueueFull at once when the queue is at capacity, DeadlineExceeded when `timeout`
         seconds pass first, BatcherStopped once stopping, or whatever the handler raised for it.
         """
+        return await self.enqueue(item, timeout)
+
+    def enqueue(self, item: T, timeout: float | None = None) -> asyncio.Future[R]:
+        """Queue one item; the future that `submit` awaits. Cancelling the future withdraws the
+        item. Callers that only need the future (to race it against a client disconnect) await
+        it directly, without a task around `submit`. Raises as `submit` does, at once.
+        """
         if not self.running:
             if self._task is None:
                 raise NotReady(f"model {self.name!r} is not started yet")
@@ -185,16 +192,13 @@ class Batcher(Generic[T, R]):
             self._queue.append(_Item(item, future, now, deadline))
         self._wakeup.set()
         self._notify_depth()
-        if timeout is None:
-            return await future
-        # A timer that fails the future, not asyncio.timeout(): same effect (the batcher drops
-        # an item whose future is done), without cancelling the caller's task and looking up
-        # the running loop and task on every request.
-        timer = loop.call_later(timeout, self._time_out, future, timeout)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        if timeout is not None:
+            # A timer that fails the future, not asyncio.timeout(): same effect (the batcher
+            # drops an item whose future is done), without a task to cancel and without looking
+            # up the running loop and task on every request.
+            timer = loop.call_later(timeout, self._time_out, future, timeout)
+            future.add_done_callback(lambda _: timer.cancel())
+        return future
 
     def _time_out(self, future: asyncio.Future[Any], timeout: float) -> None:
         if not future.done():

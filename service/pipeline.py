@@ -191,7 +191,7 @@ class Predictor:
             ((prepared, item),) = await self._prepare(
                 loop, images[0], [hosted.data_config], "", options
             )
-            out = await until_disconnect(receive, hosted.submit(item, self._timeout), loop)
+            out = await until_disconnect(receive, hosted.enqueue(item, self._timeout), loop)
             return [await self._cpu(loop, self._encoded, hosted, out, prepared, options)]
         config = [hosted.data_config]
         prepared_all = await gather_all(
@@ -279,8 +279,9 @@ async def until_disconnect(
 ) -> V:
     """Await `work`, cancelling it (and raising ClientDisconnected) if the client disconnects.
 
-    `work` runs as a task that a watcher task cancels on a disconnect; awaiting the task
-    directly (instead of `asyncio.wait` on both) and passing the running `loop` keep the
+    A coroutine `work` runs as a task; a future (such as `Batcher.enqueue`'s) is awaited as it
+    is, which saves a task per request. A watcher task cancels it on a disconnect. Awaiting
+    `work` directly (instead of `asyncio.wait` on both) and passing the running `loop` keep the
     event loop's share of a request small (README "Benchmarks")."""
     loop = loop if loop is not None else asyncio.get_running_loop()
     task = asyncio.ensure_future(work, loop=loop)

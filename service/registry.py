@@ -105,11 +105,16 @@ class HostedModel:
         }
 
     async def submit(self, item: PredictItem, timeout: float) -> ItemOutput:
-        """Queue one image on this model's batcher (NotReady until it is loaded and warm)."""
+        """Queue one image on this model's batcher and wait for its output."""
+        return await self.enqueue(item, timeout)
+
+    def enqueue(self, item: PredictItem, timeout: float) -> asyncio.Future[ItemOutput]:
+        """Queue one image on this model's batcher: the future of its output (NotReady at once
+        until the model is loaded and warm; see `Batcher.enqueue`)."""
         if self.batcher is None or self.status != "ready":
             reason = f": {self.error}" if self.error else ""
             raise NotReady(f"model {self.name!r} is {self.status}{reason}")
-        return await self.batcher.submit(item, timeout=timeout)
+        return self.batcher.enqueue(item, timeout=timeout)
 
 
 def _scan(repository: Path) -> list[ModelSource]:

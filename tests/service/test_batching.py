@@ -170,6 +170,52 @@ async def test_cancelled_item_is_dropped_before_handler(make) -> None:
     assert handler.batches == [[0], [2]]
 
 
+async def test_enqueue_gives_the_future_and_cancelling_it_withdraws_the_item(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    gone, kept = batcher.enqueue(1), batcher.enqueue(2)
+    assert isinstance(gone, asyncio.Future) and batcher.queue_depth == 2
+    gone.cancel()
+    handler.gate.set()
+    assert await running == 0
+    assert await kept == 20
+    assert handler.batches == [[0], [2]]
+
+
+async def test_enqueue_cancels_its_deadline_timer_with_the_answer(make, monkeypatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    call_later = loop.call_later
+
+    def recording(delay: float, *args: Any) -> asyncio.TimerHandle:
+        timers.append(call_later(delay, *args))
+        return timers[-1]
+
+    monkeypatch.setattr(loop, "call_later", recording)
+    batcher = make(Handler())
+    assert await batcher.enqueue(1, timeout=30.0) == 10
+    await asyncio.sleep(0)  # the future's done callbacks run on the next loop pass
+    assert len(timers) == 1 and timers[0].cancelled()
+    expired = batcher.enqueue(2, timeout=0.0)  # a deadline in the past fails it in the queue
+    with pytest.raises(DeadlineExceeded):
+        await expired
+
+
+async def test_enqueue_raises_at_once_when_it_cannot_queue(make) -> None:
+    batcher: Batcher[int, int] = Batcher("m", Handler())
+    with pytest.raises(NotReady):
+        batcher.enqueue(1)
+    handler = Handler()
+    full = make(handler, max_batch_size=1, max_queue_size=1)
+    running = await handler.hold_first(full, 0)
+    queued = full.enqueue(1)
+    with pytest.raises(QueueFull):
+        full.enqueue(2)
+    handler.gate.set()
+    assert (await running, await queued) == (0, 10)
+
+
 async def test_handler_error_fails_whole_batch_then_recovers(make) -> None:
     def fn(x: int) -> int:
         if x == 2:

@@ -58,6 +58,21 @@ async def test_until_disconnect_cancels_the_work_when_the_client_goes_away() -> 
     assert cancelled.is_set()
 
 
+async def test_until_disconnect_cancels_a_bare_future_when_the_client_goes_away() -> None:
+    """A future (a batcher's `enqueue`) is awaited as it is, and cancelled on a disconnect."""
+    receive = Receive()
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(until_disconnect(receive, future))
+    await asyncio.sleep(0)
+    receive.disconnect.set()
+    with pytest.raises(ClientDisconnected):
+        await waiting
+    assert future.cancelled()
+    other: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(other.set_result, 7)
+    assert await until_disconnect(Receive(), other) == 7
+
+
 async def test_until_disconnect_passes_on_its_own_cancellation() -> None:
     receive = Receive()
     work_cancelled = asyncio.Event()
