@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     cpu_threads: int = Field(default_factory=_default_cpu_threads, ge=1, le=64)
+    cpu_pool_sched_batch: bool = Field(
+        default=True,
+        description="On Linux, run the CPU pool's threads under the SCHED_BATCH scheduling "
+        "policy: a woken pool thread does not preempt a device thread or the event loop, so "
+        "queued jobs run back to back with fewer context switches.",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="Once the models are loaded, collect garbage and move every live object to "

@@ -24,6 +24,7 @@ from service.worker import (
     default_instances,
     keep_freed_memory,
     settle_gc,
+    use_batch_scheduling,
     use_one_thread,
 )
 
@@ -57,7 +58,7 @@ class Services:
         instances = self.settings.instances or default_instances(self.device)
         self.worker = DeviceWorker(self.device, instances=instances)
         threads = self.settings.cpu_threads
-        self.pool = CpuPool(threads, name="attnserve-cpu", initializer=use_one_thread)
+        self.pool = CpuPool(threads, name="attnserve-cpu", initializer=self._init_pool_thread)
         self._predictor = Predictor(
             self.pool,
             max_image_pixels=self.settings.max_image_pixels,
@@ -67,6 +68,12 @@ class Services:
         self._loader = asyncio.get_running_loop().create_task(
             self._load_models(self.worker, self.pool), name="attnserve-load-models"
         )
+
+    def _init_pool_thread(self) -> None:
+        """Each CPU pool thread: single-threaded torch ops, and SCHED_BATCH if configured."""
+        use_one_thread()
+        if self.settings.cpu_pool_sched_batch:
+            use_batch_scheduling()
 
     async def _load_models(self, worker: DeviceWorker, pool: CpuPool) -> None:
         """Load every model, then settle the garbage collector (see worker.settle_gc)."""

@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import AsyncIterator
@@ -410,6 +411,24 @@ async def test_garbage_collector_settled_once_models_are_loaded(model_repository
         assert gc.get_freeze_count() > 10_000  # torch, the model, the web stack
         response = await served.client.post("/v1/models/tiny-se/predict", **raw(b"not an image"))
         check_error(response, 400, "invalid_image")
+
+
+@module_loop
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("sched_batch", [True, False])
+async def test_cpu_pool_threads_scheduling_policy(model_repository: Path, sched_batch) -> None:
+    """The CPU pool's threads run under SCHED_BATCH unless the setting turns it off; the event
+    loop's thread keeps its policy."""
+    settings = Settings(
+        model_repository=model_repository, models=["tiny-se"], cpu_pool_sched_batch=sched_batch
+    )
+    loop_policy = os.sched_getscheduler(0)
+    async with serve(settings) as served:
+        pool = served.services.pool
+        assert pool is not None
+        policies = {pool.submit(os.sched_getscheduler, 0).result(5) for _ in range(20)}
+        assert policies == {os.SCHED_BATCH if sched_batch else os.SCHED_OTHER}
+        assert os.sched_getscheduler(0) == loop_policy == os.SCHED_OTHER
 
 
 @module_loop

@@ -24,6 +24,7 @@ from service.worker import (
     default_instances,
     host_copy,
     resolve_device,
+    use_batch_scheduling,
     use_one_thread,
 )
 
@@ -409,3 +410,17 @@ def test_settle_gc_freezes_start_up_objects_and_spaces_out_collections() -> None
     frozen, oldest, *collections = run("settled")
     assert frozen >= 200_000 and oldest < 1_000
     assert collections[0] <= 12
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_batch_scheduling_applies_to_the_calling_thread_only() -> None:
+    seen: list[tuple[bool, int]] = []
+
+    def pool_thread() -> None:
+        seen.append((use_batch_scheduling(), os.sched_getscheduler(0)))
+
+    thread = threading.Thread(target=pool_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(True, os.SCHED_BATCH)]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
