@@ -27,6 +27,15 @@ class Receive:
         return {"type": "http.disconnect"}
 
 
+async def sleep_until_cancelled(cancelled: asyncio.Event) -> None:
+    """Work that never finishes by itself; sets `cancelled` when it is cancelled."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
 async def test_until_disconnect_returns_the_result_and_stops_watching() -> None:
     receive = Receive()
     assert await until_disconnect(receive, asyncio.sleep(0.01, result=42)) == 42
@@ -76,15 +85,7 @@ async def test_until_disconnect_cancels_a_bare_future_when_the_client_goes_away(
 async def test_until_disconnect_passes_on_its_own_cancellation() -> None:
     receive = Receive()
     work_cancelled = asyncio.Event()
-
-    async def work() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            work_cancelled.set()
-            raise
-
-    outer = asyncio.ensure_future(until_disconnect(receive, work()))
+    outer = asyncio.ensure_future(until_disconnect(receive, sleep_until_cancelled(work_cancelled)))
     await asyncio.sleep(0.01)
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -103,18 +104,11 @@ async def test_until_disconnect_keeps_the_works_own_error() -> None:
 async def test_gather_all_cancels_the_others_on_the_first_failure() -> None:
     cancelled = asyncio.Event()
 
-    async def slow() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
     async def fail() -> None:
         raise KeyError("x")
 
     with pytest.raises(KeyError):
-        await gather_all([slow(), fail()])
+        await gather_all([sleep_until_cancelled(cancelled), fail()])
     await asyncio.sleep(0)
     assert cancelled.is_set()
     assert await gather_all([asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)]) == [1, 2]
