@@ -16,6 +16,7 @@ from PIL import Image
 from models import create_model
 from service.imaging import Geometry, plan_geometry, preprocess
 from service.maps import (
+    JsonText,
     MapOptions,
     MapPlan,
     default_map_size,
@@ -97,6 +98,12 @@ def _outputs(block: str, photos: dict) -> tuple:
     return out, prepared.geometry, model.data_config.labels
 
 
+def _as_sent(*args: object) -> dict:
+    """`image_result(*args)` as the client reads it: encoded the way the route does, parsed."""
+    result = image_result(*args)  # type: ignore[arg-type]
+    return orjson.loads(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
 def _decimals_ok(values: object) -> bool:
     """Whether the numbers, as the client reads them from the JSON, have at most 3 decimals."""
     text = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -108,11 +115,11 @@ def _decimals_ok(values: object) -> bool:
 def test_levels_with_real_records(photos: dict, block: str) -> None:
     out, geometry, labels = _outputs(block, photos)
     args = (out.probs[0], out.records, out.summary, geometry, labels)
-    nothing = image_result(*args, MapOptions(maps="none"))
+    nothing = _as_sent(*args, MapOptions(maps="none"))
     assert nothing["attention"] is None and nothing["image"] == {"width": 451, "height": 300}
-    summary = image_result(*args, MapOptions(maps="summary", map_size=40))["attention"]
-    layers = image_result(*args, MapOptions(maps="layers", map_size=40))["attention"]["layers"]
-    every = image_result(*args, MapOptions(maps="all", map_size=40))["attention"]["layers"]
+    summary = _as_sent(*args, MapOptions(maps="summary", map_size=40))["attention"]
+    layers = _as_sent(*args, MapOptions(maps="layers", map_size=40))["attention"]["layers"]
+    every = _as_sent(*args, MapOptions(maps="all", map_size=40))["attention"]["layers"]
     if block == "none":
         assert summary == {"summary": None} and layers == [] and every == []
         return
@@ -190,6 +197,24 @@ def _batch_outputs(block: str, photos: dict) -> tuple:
     return out, [p.geometry for p in prepared]
 
 
+def _comparable(values: object) -> tuple:
+    """A map's values as something == compares: its JSON text, or its dtype, shape and numbers."""
+    if isinstance(values, JsonText):
+        return ("text", values.shape, values.text())
+    assert isinstance(values, np.ndarray)
+    return ("numbers", values.dtype, values.shape, values.tolist())
+
+
+def _numbers(values: object) -> np.ndarray:
+    """A map's numbers, parsed from its JSON text where it has one."""
+    if isinstance(values, JsonText):
+        parsed = np.asarray(orjson.loads(values.text()), dtype=np.float64)
+        assert parsed.shape == values.shape
+        return parsed
+    assert isinstance(values, np.ndarray)
+    return values
+
+
 def _one(out: object, i: int) -> tuple:
     records = [dataclasses.replace(r, tensor=r.tensor[i : i + 1]) for r in out.records]
     return records, out.summary[i : i + 1]
@@ -211,11 +236,10 @@ def test_batch_maps_equal_each_image_alone(photos: dict, block: str) -> None:
     for i, maps in enumerate(together):
         (alone,) = prepare_maps(*_one(out, i), [plans[i]])
         assert maps is not None and alone is not None
-        np.testing.assert_array_equal(maps.summary, alone.summary)
         assert [(h, s) for h, s, _ in maps.layers] == [(h, s) for h, s, _ in alone.layers]
+        assert _comparable(maps.summary) == _comparable(alone.summary)
         for (_, _, got), (_, _, want) in zip(maps.layers, alone.layers, strict=True):
-            assert got.dtype == want.dtype
-            np.testing.assert_array_equal(got, want)
+            assert _comparable(got) == _comparable(want)
     assert together[1] is not None and together[1].layers == []
     assert prepare_maps(out.records, out.summary, [None, None, None]) == [None, None, None]
 
@@ -228,7 +252,8 @@ def test_batch_maps_are_the_rounded_single_map_resampling(photos: dict) -> None:
     for i, maps in enumerate(prepare_maps(out.records, out.summary, plans)):
         grid, mask = map_grid(geometries[i], default_map_size(geometries[i]))
         want = np.round(to_original(out.summary[i], grid, mask).double().numpy(), 3)
-        np.testing.assert_array_equal(maps.summary, want.astype(np.float32))
+        assert isinstance(maps.summary, JsonText)  # a JSON answer, numbers in [0, 1]
+        np.testing.assert_array_equal(_numbers(maps.summary), want)
         head, spatial, values = next(e for e in maps.layers if e[0]["layer"] == context.site)
         view = context.tensor[i, 0] * context.tensor[i, 0].numel()
         want = np.round(to_original(view, grid, mask).double().numpy(), 3)
@@ -255,24 +280,70 @@ def test_prepare_items_plans_each_configs_maps(photos: dict) -> None:
 
 
 def test_the_scripted_group_maps_equal_the_eager_ones() -> None:
-    """prepare_maps runs `_group_maps` as TorchScript; it must give what the Python does."""
-    from service.maps import _group_maps, _group_maps_graph
+    """prepare_maps runs `_group_maps` as TorchScript; it must give what the Python does:
+    numbers, or JSON text for the maps in [0, 1] of one or two dimensions when asked."""
+    from service.maps import _TEXT_TABLE, _group_maps, _group_maps_graph
 
     rng = torch.Generator().manual_seed(0)
     views = [torch.rand(3, 1, 7, 7, generator=rng), torch.rand(3, 14, 14, generator=rng) * 5e4]
     raw = [torch.rand(3, 8, 5, 1, generator=rng), torch.rand(3, 16, generator=rng) - 0.5]
     geometry = Geometry(50, 40, 32, 32, 0, 0, 32, 32)
     grid, mask = map_grid(geometry, 20)
-    for members in (None, [0, 2]):
+    numbers = [torch.float32, torch.float64, torch.float32, torch.float32]
+    for members, text in ((None, False), ([0, 2], False), (None, True), ([0, 2], True)):
         n = 3 if members is None else 2
-        args = (views, [True, False], raw, [True, False], members, [grid] * n, [mask] * n)
-        eager, scripted = _group_maps(*args)[0], _group_maps_graph(*args)[0]
-        assert [t.shape for t in scripted] == [(n, 16, 20), (n, 16, 20), (n, 8, 5), (n, 16)]
-        assert [t.dtype for t in scripted] == [
-            torch.float32,
-            torch.float64,
-            torch.float32,
-            torch.float32,
-        ]
-        for want, got in zip(eager, scripted, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        args = (views, [False, True], raw, [True, False], members, [grid] * n, [mask] * n)
+        table = _TEXT_TABLE if text else None
+        eager = _group_maps(*args, table)
+        scripted = _group_maps_graph(*args, table)
+        assert scripted[1] == [list(s) for s in eager[1]] == [[16, 20], [16, 20], [8, 5], [16]]
+        want = [torch.uint8, torch.float64, torch.uint8, torch.float32] if text else numbers
+        assert [t.dtype for t in scripted[0]] == want
+        for got, expected in zip(scripted[0], eager[0], strict=True):
+            assert got.shape[0] == n
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _reference_text(values: np.ndarray) -> bytes:
+    """JSON of `values` rounded as numpy rounds, every number printed with 3 decimals."""
+    rounded = np.round(values.astype(np.float64), 3) + 0.0
+    if rounded.ndim == 1:
+        return b"[" + b",".join(b"%.3f" % v for v in rounded) + b"]"
+    return b"[" + b",".join(_reference_text(row) for row in rounded) + b"]"
+
+
+@pytest.mark.parametrize("shape", [(4, 9), (4, 3, 7), (1, 1), (2, 1, 1), (3, 64, 1)])
+def test_json_text_is_the_three_decimal_rounding(shape: tuple[int, ...]) -> None:
+    """Each image's text is what Python's %.3f prints of the numpy rounding, in nested JSON
+    arrays; it parses to exactly numpy's rounded numbers."""
+    from service.maps import _TEXT_TABLE, _finished
+
+    rng = np.random.default_rng(sum(shape))
+    values = rng.random(shape).astype(np.float32)
+    values.flat[0], values.flat[-1] = 1.0, 0.0
+    text = _finished(torch.from_numpy(values), _TEXT_TABLE)
+    assert text.dtype == torch.uint8 and text.shape[0] == shape[0]
+    for image, row in zip(values, text.numpy(), strict=True):
+        assert row.tobytes() == _reference_text(image)
+        parsed = orjson.loads(row.tobytes())
+        assert parsed == (np.round(image.astype(np.float64), 3) + 0.0).tolist()
+
+
+def test_json_text_edges_and_fallbacks() -> None:
+    """Halves round to even, -0.0004 prints as 0.000; numbers outside [0, 1], maps of more
+    than two dimensions per image and text=False stay numbers."""
+    from service.maps import _TEXT_TABLE, _finished
+
+    edges = torch.tensor([[0.0005, 0.0015, 0.9995, -0.0004, 1.0004]], dtype=torch.float64)
+    assert _finished(edges, _TEXT_TABLE)[0].numpy().tobytes() == (
+        b"[0.000,0.002,1.000,0.000,1.000]"
+    )
+    for values, text in (
+        (torch.tensor([[0.5, 1.0006]]), True),
+        (torch.tensor([[0.5, -0.0006]]), True),
+        (torch.rand(2, 3, 4, 5), True),
+        (torch.rand(2, 3), False),
+    ):
+        got = _finished(values, _TEXT_TABLE if text else None)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, torch.round(values.double() * 1000).float() / 1000)
