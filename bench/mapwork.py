@@ -5,10 +5,11 @@ capture, microseconds per image of:
 
 - upsampling one site's view to the model input grid: `F.interpolate` (bilinear) against
   `models.attention.summary.upsample_bilinear` (what `summary_map` uses), per view grid;
-- writing the maps' numbers: `service.maps._group_maps` giving rounded numbers that orjson
-  then writes per image (as the service did), against `_group_maps` writing the JSON text
-  itself (`_json_text`, what the service does for JSON answers), each including the per-image
-  encoding of the maps into one JSON document.
+- a maps=all answer of every image of the batch: `service.maps.prepare_maps` giving the
+  batch's maps as rounded numbers that orjson then writes per image (as the service did, and
+  still does for the numbers of a PNG answer), against `prepare_maps` writing the JSON text
+  itself (`_json_text`, what the service does for JSON answers); both then `build_result`
+  and orjson per image.
 
 Each figure is the median of `--repeats` timings of `--rounds` calls.
 """
@@ -16,6 +17,7 @@ Each figure is the median of `--repeats` timings of `--rounds` calls.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -28,8 +30,8 @@ import torch.nn.functional as F
 from bench.inprocess import load_model
 from bench.inputs import load_inputs
 from models.attention.summary import upsample_bilinear
-from service.maps import _TEXT_TABLE, MapOptions, MapPlan, _group_maps_graph, build_result
-from service.pipeline import forward_items, prepare_items, split_items
+from service.maps import MapOptions, MapPlan, build_result, prepare_maps
+from service.pipeline import forward_items, prepare_items
 from service.worker import keep_freed_memory
 
 __all__ = ["main", "measure"]
@@ -77,62 +79,34 @@ def _measure(model: str, batch: int, rounds: int, repeats: int) -> dict[str, flo
         results[f"{key}: upsample_bilinear"] = _us_per_image(
             lambda v=view: upsample_bilinear(v, size), batch, rounds, repeats
         )
-    plans = [item.maps for item in items]
-    assert all(isinstance(plan, MapPlan) for plan in plans)
-    args = _group_args(out, plans)
+    json_plans = [item.maps for item in items]
+    assert all(isinstance(plan, MapPlan) for plan in json_plans)
+    # the same maps prepared as numbers (what a PNG answer gets), then written by orjson
+    number_plans = [dataclasses.replace(plan, map_format="png") for plan in json_plans]
     labels = loaded.data_config.labels
 
-    def numbers() -> list[bytes]:
-        maps = _group_maps_graph(*args, None)[0]
-        arrays = [m.numpy() for m in maps]
+    def answers(plans: list[Any]) -> list[bytes]:
+        maps = prepare_maps(out.records, out.summary, plans)
         return [
-            orjson.dumps([a[g] for a in arrays], option=orjson.OPT_SERIALIZE_NUMPY)
-            for g in range(batch)
+            orjson.dumps(
+                build_result(out.probs[g], maps[g], p.geometry, labels, options),
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            )
+            for g, (p, _) in enumerate(pairs)
         ]
 
-    def text() -> list[bytes]:
-        maps = _group_maps_graph(*args, _TEXT_TABLE)[0]
-        arrays = [m.numpy() for m in maps]
-        return [
-            orjson.dumps([orjson.Fragment(a[g].tobytes()) for a in arrays]) for g in range(batch)
-        ]
-
-    assert orjson.loads(numbers()[0]) == orjson.loads(text()[0])
-    results["maps as numbers, then orjson"] = _us_per_image(numbers, batch, rounds, repeats)
-    results["maps as JSON text"] = _us_per_image(text, batch, rounds, repeats)
-
-    def whole() -> list[bytes]:  # what the service does per batch and per image, for scale
-        outputs = split_items(out, items)
-        return [
-            orjson.dumps(build_result(o.probs, o.maps, p.geometry, labels, options))
-            for o, (p, _) in zip(outputs, pairs, strict=True)
-        ]
-
-    results["service: batch maps + build + encode"] = _us_per_image(whole, batch, rounds, repeats)
+    assert orjson.loads(answers(number_plans)[0]) == orjson.loads(answers(json_plans)[0])
+    results["maps as numbers, then orjson"] = _us_per_image(
+        lambda: answers(number_plans), batch, rounds, repeats
+    )
+    results["maps as JSON text"] = _us_per_image(
+        lambda: answers(json_plans), batch, rounds, repeats
+    )
     return results
 
 
 def _interpolate(view: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(view[:, None], size=size, mode="bilinear", align_corners=False)
-
-
-def _group_args(out: Any, plans: list[Any]) -> tuple[Any, ...]:
-    """`_group_maps` arguments for every map of a maps=all batch, as `prepare_maps` passes them
-    for a batch whose images share one map shape (digits do)."""
-    from models import spatial_views
-
-    views = spatial_views(out.records)
-    chosen = {id(r) for r in views}
-    raw = [r for r in out.records if r.kind not in ("spatial", "context")]
-    return (
-        [out.summary] + [r.tensor for r in out.records if id(r) in chosen],
-        [False] + [r.kind == "context" for r in out.records if id(r) in chosen],
-        [r.tensor for r in raw],
-        [r.kind in ("coord_h", "coord_w") for r in raw],
-        None,
-        [plan.grid for plan in plans],
-        [plan.mask for plan in plans],
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,8 +40,8 @@ def upsample_bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     each of the s phases is one ``torch.lerp`` of the rows with their upper or lower
     neighbours (edge rows repeated, as the kernel clamps), and the phases interleave; the same
     along the columns. ``F.interpolate`` on these single-channel maps spent most of the summary
-    map's time (18-34 us per image per site for 64 x 64 outputs, against 6.5-16 this way, in
-    two runs of ``python -m bench.mapwork``: one thread, batch 16)."""
+    map's time (17-31 us per image per site for 64 x 64 outputs, against 6-10 this way, in four
+    runs of ``python -m bench.mapwork``: one thread, batch 16)."""
     height, width = size
     rows, cols = maps.shape[-2], maps.shape[-1]
     if height % rows or width % cols:
