@@ -1,14 +1,13 @@
 """The in-process limit: the service's own pipeline with no HTTP, timed stage by stage.
 
-Per image: `service.pipeline.prepare_items` (decode, preprocess, map plan), the two halves of the
-model's batch handler (`service.pipeline.make_batch_handler`) at a given batch size on a
-`DeviceWorker`: `forward_items` (`ModelRunner.forward` of the images, with attention capture and
-the summary map) and `split_items` (the batch's maps, `service.maps.prepare_maps`), then
-`service.maps.build_result` and the route's `ORJSONResponse` encoding. The stages run one after
-another in one process, so the sum is the work the server must do per request, minus everything HTTP
-adds. The budget is split in three parts and the median part counts: a burst of other load on a
-shared machine in one part does not lower the limit, and the limit is not the luckiest of three
-short parts either (the service's rate it is compared with is the mean over its whole window).
+Per batch of images: `service.pipeline.prepare_items` (decode, preprocess, map plan),
+`ModelRunner.forward` with capture and the summary map on a `DeviceWorker`,
+`service.maps.batch_maps` (what `service.forward.run_batch` does on the device thread), then the
+/v1 answer
+(`service.api.encode.image_answer`) and its orjson encoding. The stages run one after another in
+one process, so the sum is the work the server must do per request, minus everything HTTP adds.
+The budget is split in three parts and the median part counts, so a burst of other load in one
+part does not lower the limit.
 
 With `instances` > 1 the pipeline runs that many of those sequences side by side (one CPU thread
 each, feeding a device worker with as many instances), the in-process form of a server with
@@ -27,22 +26,19 @@ from dataclasses import dataclass
 from itertools import cycle, islice
 from typing import Any
 
+import orjson
 import torch
 
 from models import DataConfig
-from service.api.handlers import ORJSONResponse
-from service.maps import MapOptions, build_result
-from service.pipeline import forward_items, prepare_items, split_items
-from service.registry import discover
+from service.api.encode import image_answer
+from service.api.schemas import PredictOptions as MapOptions
+from service.device import DeviceWorker, resolve_device
+from service.forward import ImageResult
+from service.maps import batch_maps
+from service.pipeline import prepare_items
+from service.repository import discover
+from service.runner import BatchOutput, ModelRunner
 from service.settings import Settings
-from service.worker import (
-    DeviceWorker,
-    ModelRunner,
-    keep_freed_memory,
-    resolve_device,
-    settle_gc,
-    use_one_thread,
-)
 
 __all__ = ["InProcessPipeline", "LoadedModel", "load_model"]
 
@@ -108,21 +104,15 @@ class InProcessPipeline:
         worker: DeviceWorker | None = None,
     ) -> None:
         self.max_pixels = max_image_pixels
-        if resolve_device(device).type == "cpu":
-            keep_freed_memory()  # as the server does
         self._own_worker = worker is None
         if worker is None:
             worker = DeviceWorker(resolve_device(device), threads=threads, instances=instances)
         self._worker = worker
         self.instances = instances = worker.instances
-        self._cpu = ThreadPoolExecutor(
-            instances, thread_name_prefix="inprocess-cpu", initializer=use_one_thread
-        )
+        self._cpu = ThreadPoolExecutor(instances, thread_name_prefix="inprocess-cpu")
         self._loop = asyncio.new_event_loop()
         load = self._worker.run(load_model, name, device=device, random_models=random_models)
         self.model: LoadedModel = self._loop.run_until_complete(load)
-        defaults = Settings(models=[])
-        settle_gc(defaults.gc_threshold, freeze=defaults.gc_freeze)  # as the server does
         self.threads = self._loop.run_until_complete(self._worker.run(torch.get_num_threads))
 
     def close(self) -> None:
@@ -137,20 +127,32 @@ class InProcessPipeline:
     ) -> tuple[list[float], int]:
         """One batch through every stage: seconds per stage and the encoded bytes."""
         config = self.model.data_config
+        request = options.map_request()
         t0 = time.perf_counter()
-        pairs = [prepare_items(d, [config], options, max_pixels=self.max_pixels)[0] for d in images]
+        items = [prepare_items(d, [config], request, max_pixels=self.max_pixels)[0] for d in images]
         t1 = time.perf_counter()
-        items = [item for _, item in pairs]
-        out = loop.run_until_complete(self._worker.run(forward_items, self.model.runner, items))
+        batch = torch.stack([item.tensor for item in items])
+        capture = options.maps != "none"
+        runner = self.model.runner
+        out: BatchOutput = loop.run_until_complete(self._worker.run(runner.forward, batch, capture))
         t2 = time.perf_counter()
-        outputs = loop.run_until_complete(self._worker.run(split_items, out, items))
+        plans = [item.plan for item in items]
+        maps = loop.run_until_complete(
+            self._worker.run(batch_maps, out.records, out.summary, plans)
+        )
         t3 = time.perf_counter()
-        results = [
-            build_result(o.probs, o.maps, p.geometry, config.labels, options)
-            for o, (p, _) in zip(outputs, pairs, strict=True)
+        probs = out.probs.numpy()
+        answers = [
+            image_answer(ImageResult(probs[i], item.geometry, m), config.labels, options)
+            for i, (item, m) in enumerate(zip(items, maps, strict=True))
         ]
         t4 = time.perf_counter()
-        bodies = [ORJSONResponse({"model": self.model.name, "results": [r]}).body for r in results]
+        bodies = [
+            orjson.dumps(
+                {"model": self.model.name, "results": [a]}, option=orjson.OPT_SERIALIZE_NUMPY
+            )
+            for a in answers
+        ]
         t5 = time.perf_counter()
         return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4], sum(len(b) for b in bodies)
 
@@ -168,9 +170,7 @@ class InProcessPipeline:
         in `repeats` parts; the median part is the limit (see the module docstring), and every
         part's rate is kept as `repeat_rps`.
 
-        The CPU stages run on threads set up like the server's CPU pool (one intra-op thread),
-        so that the device threads' OpenMP teams are the only ones, as in the server. With
-        several instances, one sequence per instance runs at the same time and each part's
+        With several instances, one sequence per instance runs at the same time and each part's
         rate is their sum."""
         start = threading.Barrier(self.instances, action=self._mark)
         self._marks: list[tuple[float, float]] = []  # (wall, process CPU) at each part's edge

@@ -23,10 +23,10 @@ from bench.inputs import EncodedImage, load_inputs
 from bench.loadgen import StepResult, closed_loop, open_loop
 from bench.server import ServerProcess, batch_stats, machine_busy_seconds, parse_metrics
 from models.package import CARD_FILE, read_card
-from service.maps import MapOptions
-from service.registry import discover
+from service.api.schemas import PredictOptions as MapOptions
+from service.device import DeviceWorker, default_instances, resolve_device
+from service.repository import discover
 from service.settings import Settings
-from service.worker import DeviceWorker, default_instances, resolve_device
 
 __all__ = ["Session", "Step", "loop_factory"]
 

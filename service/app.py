@@ -12,26 +12,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import torch
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import api_router, fast_routes
+from service.api import api_router
 from service.api.handlers import ORJSONResponse, install_handlers
-from service.api.v1 import MODEL_SCOPE_KEY
+from service.api.requests import MODEL_SCOPE_KEY
+from service.device import resolve_device
 from service.metrics import Metrics
-from service.registry import ConfigError, discover
+from service.repository import ConfigError, discover
 from service.settings import Settings
 from service.state import Services
-from service.worker import resolve_device
 
-__all__ = ["AttnServe", "ConfigError", "create_app"]
+__all__ = ["ConfigError", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,56 +60,9 @@ class RequestMetricsMiddleware:
             self.metrics.observe_request(model, route, status, time.perf_counter() - started)
 
 
-# FastAPI's native OpenTelemetry checks the global providers (and the environment) on every
-# request even when none is configured: about 5 % of the event loop's time at c=64 (py-spy).
+# FastAPI's native OpenTelemetry looks up the global providers on every request even when
+# none is configured; the setting turns it on for deployments that configure one.
 _NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
-
-
-class AttnServe(FastAPI):
-    """The FastAPI app, with the inference routes served ahead of its middleware stack.
-
-    FastAPI runs every request through about ten ASGI layers (telemetry, error handling, body
-    limit, exception mapping, exit stack, routing, request/response wrappers) before the route
-    and again on each message sent back: at c=64 the layers above the route took more of the
-    event loop than the inference code itself (README "Benchmarks"). A POST matching one of
-    `fast_routes` (v1 predict, v2 infer) is served here directly: the request metrics, the
-    route's endpoint, and on an exception the app's handler for it (the same JSON error body
-    as anywhere else). Everything else, and those paths with other methods, goes through
-    FastAPI; its routes of the same paths stay for the OpenAPI document.
-    """
-
-    def __init__(self, *, fast_routes: list[Route], metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._fast_routes = fast_routes
-        self._fast = RequestMetricsMiddleware(self._serve_fast, metrics)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self._fast_routes:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child_scope)
-                    scope["app"] = self
-                    await self._fast(scope, receive, send)
-                    return
-        await super().__call__(scope, receive, send)
-
-    async def _serve_fast(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive, send)
-        try:
-            response = await scope["route"].endpoint(request)
-        except Exception as exc:
-            response = await self._error_response(request, exc)
-        await response(scope, receive, send)
-
-    async def _error_response(self, request: Request, exc: Exception) -> Response:
-        """The response of the handler registered for the nearest class of `exc` (the app
-        registers one for Exception itself, see handlers.install_handlers)."""
-        for cls in type(exc).__mro__:
-            handler = self.exception_handlers.get(cls)
-            if handler is not None:
-                return await handler(request, exc)  # type: ignore[no-any-return]
-        raise exc
 
 
 @asynccontextmanager
@@ -150,9 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     sources = discover(settings)
     services = Services(settings, sources, _device(settings))
-    app = AttnServe(
-        fast_routes=fast_routes,
-        metrics=services.metrics,
+    app = FastAPI(
         title="attnserve",
         version=_version(),
         summary="CNN image classifiers with attention blocks: predictions plus attention maps.",

@@ -5,12 +5,6 @@ everything queued up to `max_batch_size` at once, so a lone request never waits 
 `max_batch_delay_s > 0` opts into waiting (counted from the first item's arrival) for a fuller
 batch. Each item has its own future, so a failure, a deadline or a client that went away affects
 that item or that batch only. Imports neither torch nor FastAPI.
-
-The handler is either a coroutine function, or a plain function together with an `executor`
-(the device worker). In the second form the device thread that finished a batch takes the next
-one from the queue itself when it is ready, and only hands the results to the event loop; on a
-busy server the loop's part (collect, create a task, submit to the executor) left the device
-idle for milliseconds between batches (README "Benchmarks").
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -45,17 +38,6 @@ class BatchObserver(Protocol):
         """The number of queued (not yet running) items changed."""
 
 
-class BatchExecutor(Protocol):
-    """Where a plain-function handler runs: the device worker's threads."""
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` on one of the executor's threads and await its result."""
-
-    @property
-    def pending(self) -> int:
-        """Calls submitted but not started yet (a chain of batches yields to them)."""
-
-
 @dataclass(eq=False, slots=True)
 class _Item:
     """A queued request: its payload, the future its caller awaits and its timing."""
@@ -63,7 +45,6 @@ class _Item:
     value: Any
     future: asyncio.Future[Any]
     enqueued: float
-    deadline: float | None = None
 
 
 class Batcher(Generic[T, R]):
@@ -73,10 +54,7 @@ class Batcher(Generic[T, R]):
     worker instance). The next batch is collected only when a slot is free, so items queue up
     while every instance is busy and the next batch is as full as it can be.
 
-    `handler` returns one result (or exception) per input. It is a coroutine function, or, with
-    `executor`, a plain function that runs on the executor's threads; a thread then goes on with
-    the next ready batch (a slot stays taken by such a chain) unless other calls wait for the
-    executor (`executor.pending`), so one model cannot starve another on a shared device.
+    `handler` is a coroutine function that returns one result (or exception) per input.
     """
 
     def __init__(
@@ -89,7 +67,6 @@ class Batcher(Generic[T, R]):
         max_queue_size: int = 256,
         observer: BatchObserver | None = None,
         max_concurrent_batches: int = 1,
-        executor: BatchExecutor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -107,11 +84,8 @@ class Batcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
         self._handler = handler
-        self._executor = executor
         self._observer = observer
         self._queue: deque[_Item] = deque()
-        self._lock = threading.Lock()  # the queue is shared with the executor's threads
-        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -137,8 +111,9 @@ class Batcher(Generic[T, R]):
         if self._task is not None:
             raise RuntimeError(f"batcher {self.name!r} was already started")
         self._accepting = True
-        self._event_loop = asyncio.get_running_loop()
-        self._task = self._event_loop.create_task(self._loop(), name=f"batcher-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"batcher-{self.name}"
+        )
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop intake; finish queued work (`drain`) or fail it with BatcherStopped.
@@ -164,14 +139,20 @@ class Batcher(Generic[T, R]):
 
         Raises QueueFull at once when the queue is at capacity, DeadlineExceeded when `timeout`
         seconds pass first, BatcherStopped once stopping, or whatever the handler raised for it.
+        Cancelling the caller withdraws the item (a batch that has not started skips it).
         """
-        return await self.enqueue(item, timeout)
+        future = self._enqueue(item)
+        if timeout is None:
+            return await future
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {self.name!r} did not answer within {timeout:g}s"
+            ) from None
 
-    def enqueue(self, item: T, timeout: float | None = None) -> asyncio.Future[R]:
-        """Queue one item; the future that `submit` awaits. Cancelling the future withdraws the
-        item. Callers that only need the future (to race it against a client disconnect) await
-        it directly, without a task around `submit`. Raises as `submit` does, at once.
-        """
+    def _enqueue(self, item: T) -> asyncio.Future[R]:
         if not self.running:
             if self._task is None:
                 raise NotReady(f"model {self.name!r} is not started yet")
@@ -183,28 +164,11 @@ class Batcher(Generic[T, R]):
                     f"queue of model {self.name!r} is full ({self.max_queue_size} waiting)",
                     retry_after=self._retry_after(),
                 )
-        loop = self._event_loop
-        assert loop is not None  # set by start()
-        now = time.monotonic()
-        future: asyncio.Future[R] = loop.create_future()
-        deadline = None if timeout is None else now + timeout
-        with self._lock:
-            self._queue.append(_Item(item, future, now, deadline))
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(item, future, time.monotonic()))
         self._wakeup.set()
         self._notify_depth()
-        if timeout is not None:
-            # A timer that fails the future, not asyncio.timeout(): same effect (the batcher
-            # drops an item whose future is done), without a task to cancel and without looking
-            # up the running loop and task on every request.
-            timer = loop.call_later(timeout, self._time_out, future, timeout)
-            future.add_done_callback(lambda _: timer.cancel())
         return future
-
-    def _time_out(self, future: asyncio.Future[Any], timeout: float) -> None:
-        if not future.done():
-            future.set_exception(
-                DeadlineExceeded(f"model {self.name!r} did not answer within {timeout:g}s")
-            )
 
     async def _loop(self) -> None:
         """Collect batches and hand each to its own task until stopped and drained.
@@ -216,11 +180,9 @@ class Batcher(Generic[T, R]):
             while True:
                 await self._slots.acquire()
                 await self._wait_for_items()
-                if not self._queue:  # stopped and drained, or a chain took what was queued
+                if not self._queue:  # stopped and drained
                     self._slots.release()
-                    if not self._accepting:
-                        break
-                    continue
+                    break
                 batch = await self._collect()
                 if not batch:
                     self._slots.release()
@@ -234,9 +196,7 @@ class Batcher(Generic[T, R]):
             stopped = BatcherStopped(f"model {self.name!r} is shutting down")
             for task, batch in list(self._running.items()):
                 task.cancel()
-                with self._lock:
-                    running = list(batch)
-                self._fail(running, stopped)
+                self._fail(batch, stopped)
             self._fail_queued(stopped)
             raise
 
@@ -245,12 +205,9 @@ class Batcher(Generic[T, R]):
         self._slots.release()
 
     async def _serve(self, batch: list[_Item]) -> None:
-        """Run one batch (or a chain of them); whatever goes wrong fails that batch only."""
+        """Run one batch; whatever goes wrong fails that batch only."""
         try:
-            if self._executor is None:
-                await self._run(batch)
-            else:
-                await self._executor.run(self._run_chain, batch)
+            await self._run(batch)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -290,44 +247,17 @@ class Batcher(Generic[T, R]):
         return batch
 
     def _take(self, batch: list[_Item]) -> None:
-        """Move live items from the queue into `batch` up to max_batch_size."""
-        expired: list[_Item] = []
-        with self._lock:
-            self._take_locked(batch, expired, time.monotonic())
-        self._expire(expired)
-
-    def _take_locked(self, batch: list[_Item], expired: list[_Item], now: float) -> None:
-        """Pop up to max_batch_size live items into `batch`; expired ones go to `expired` and
-        cancelled ones are dropped. Any thread, with the lock held; sets no future."""
+        """Move live items (their callers still wait) from the queue into `batch`, up to the
+        maximum."""
         while self._queue and len(batch) < self.max_batch_size:
-            self._sort(self._queue.popleft(), batch, expired, now)
-
-    def _expire(self, items: list[_Item]) -> None:
-        """Fail items whose deadline passed in the queue (event loop only)."""
-        for item in items:
+            item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(
-                    DeadlineExceeded(f"model {self.name!r}: deadline passed in the queue")
-                )
+                batch.append(item)
 
     def _drop_dead(self, batch: list[_Item]) -> None:
-        """Drop items that were cancelled or expired while the batch was filling."""
-        items, expired = list(batch), []
-        batch.clear()
-        for item in items:
-            self._sort(item, batch, expired, time.monotonic())
-        self._expire(expired)
-
-    @staticmethod
-    def _sort(item: _Item, batch: list[_Item], expired: list[_Item], now: float) -> None:
-        """Append `item` to `batch`, or to `expired` if its deadline passed; drop it if its
-        caller gave up. Sets no future, so any thread may call it."""
-        if item.future.done():
-            return
-        if item.deadline is not None and now >= item.deadline:
-            expired.append(item)
-        else:
-            batch.append(item)
+        """Drop items whose callers gave up (cancelled or past their deadline) while the batch
+        was filling."""
+        batch[:] = [item for item in batch if not item.future.done()]
 
     async def _run(self, batch: list[_Item]) -> None:
         """Call the coroutine handler once and hand each result (or exception) to its future."""
@@ -335,73 +265,6 @@ class Batcher(Generic[T, R]):
         waits = [start - item.enqueued for item in batch]
         results = await self._handler([item.value for item in batch])
         self._deliver(batch, results, waits, time.monotonic() - start)
-
-    def _run_chain(self, batch: list[_Item]) -> None:
-        """On an executor thread: run `batch`, then each next batch that is ready, until the
-        queue has none or other calls wait for the executor. `batch` is updated in place to the
-        running items (the loop fails them if it is cancelled); results go to the event loop."""
-        loop = self._event_loop
-        assert loop is not None and self._executor is not None
-        current = list(batch)
-        while current:
-            start = time.monotonic()
-            waits = [start - item.enqueued for item in current]
-            try:
-                results = self._handler([item.value for item in current])
-            except Exception as exc:  # fails this batch only; the chain goes on
-                results = exc
-            run_s = time.monotonic() - start
-            try:
-                loop.call_soon_threadsafe(self._finish, current, results, waits, run_s)
-            except RuntimeError:  # the event loop is closed: nobody waits for anything
-                return
-            if self._executor.pending:
-                return
-            current, expired = self._take_ready(batch)
-            if current or expired:
-                loop.call_soon_threadsafe(self._taken, expired)
-
-    def _take_ready(self, running: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-        """The next batch if it may start now: without a delay, full, or its delay is over.
-        Otherwise nothing, and the event loop collects it when its slot frees. `running` is set
-        to the batch under the same lock, so a cancelling loop sees every taken item."""
-        batch: list[_Item] = []
-        expired: list[_Item] = []
-        now = time.monotonic()
-        with self._lock:
-            due = not (
-                self._queue
-                and self.max_batch_delay_s > 0
-                and len(self._queue) < self.max_batch_size
-                and now < self._queue[0].enqueued + self.max_batch_delay_s
-            )
-            if due:
-                self._take_locked(batch, expired, now)
-            running[:] = batch
-        return batch, expired
-
-    def _taken(self, expired: list[_Item]) -> None:
-        """Event loop side of a chain's take: fail the expired items, report the new depth."""
-        self._expire(expired)
-        self._notify_depth()
-
-    def _finish(
-        self,
-        batch: list[_Item],
-        results: Sequence[Any] | BaseException,
-        waits: list[float],
-        run_s: float,
-    ) -> None:
-        """Event loop side of a chained batch: deliver its results or fail it."""
-        error = results if isinstance(results, BaseException) else None
-        if error is None:
-            try:
-                self._deliver(batch, results, waits, run_s)
-            except Exception as exc:
-                error = exc
-        if error is not None:
-            logger.error("batcher %s: batch of %d failed", self.name, len(batch), exc_info=error)
-            self._fail(batch, error)
 
     def _deliver(self, batch: list[_Item], results: Any, waits: list[float], run_s: float) -> None:
         """Hand each result (or exception) to its future; a wrong result count raises."""
@@ -428,21 +291,18 @@ class Batcher(Generic[T, R]):
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Empty the queue, failing every waiting item with `exc`."""
-        with self._lock:
-            items = list(self._queue)
-            self._queue.clear()
+        items = list(self._queue)
+        self._queue.clear()
         self._fail(items, exc)
         self._notify_depth()
 
     def _prune_done(self) -> None:
         """Forget queued items whose callers already gave up (frees room in a full queue)."""
-        with self._lock:
-            live = [item for item in self._queue if not item.future.done()]
-            changed = len(live) != len(self._queue)
-            if changed:
-                self._queue.clear()
-                self._queue.extend(live)
+        live = [item for item in self._queue if not item.future.done()]
+        changed = len(live) != len(self._queue)
         if changed:
+            self._queue.clear()
+            self._queue.extend(live)
             self._notify_depth()
 
     def _retry_after(self) -> int:

@@ -1,22 +1,9 @@
 """Frozen TorchScript traces of a model's forward pass, with and without attention capture.
 
-Why: an eager forward returns to Python between every op, so the device thread takes the GIL
-back a few hundred times per batch. In the server the event loop and the CPU pool hold the GIL
-much of the time, and every hand-over leaves the forward (and its idle OpenMP team) waiting. A
-traced graph runs the whole forward in C++ without the GIL, the softmax and the summary map
-included (as eager ops after the graph they cost dozens of hand-overs per batch).
-`python -m bench.gil` measures it: on the 2-core CPU box a batch of 32 through digits-cbam on
-one intra-op thread, while another thread kept the GIL busy, took 983 ms eager and 71 ms
-traced (60 ms and 56 ms alone); see README "Benchmarks".
-
-Each trace is wrapped in a small scripted module (`_Batching`) before freezing, so the graph also
-takes a list of (C, H, W) images and stacks them itself: the device thread then gives the GIL
-back once per batch for stacking and forward together, not twice (in the server, waiting to
-take the GIL back after a `torch.stack` cost the device thread 0.10-0.12 ms per image, about
-2 ms per batch; README "Benchmarks"). The wrapper also returns its inputs: since torch 2.10,
-dropping the last C++ reference to a tensor that has a Python object decrefs that object, which
-takes the GIL; done inside the graph, that wait happens mid-forward (strace showed it on the
-device threads), done after the call it costs nothing.
+Why: an eager forward returns to Python between every op, so in a busy server the device thread
+waits for the GIL hundreds of times per batch behind the event loop and the CPU pool. A traced
+graph runs the whole forward, the softmax and the summary map in C++ without the GIL
+(docs/performance.md, `python -m bench.probes.gil`).
 
 The capture graph is traced through `capture_attention`, so the hooks' tensors (and derived
 views) become graph outputs; the records' names come from the same tracing run. `torch.jit.freeze`
@@ -35,7 +22,7 @@ from torch import nn
 
 from models import AttentionRecord, capture_attention, summary_map
 
-__all__ = ["Batch", "TracedForward", "trace_forward"]
+__all__ = ["TracedForward", "trace_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +61,6 @@ class _Capturing(nn.Module):
         return probs, tuple(tensors if summary is None else [*tensors, summary])
 
 
-Batch = torch.Tensor | list[torch.Tensor]  # (N, C, H, W), or N images (C, H, W)
-
-
-class _Batching(nn.Module):
-    """A traced graph that takes a batch (N, C, H, W) or a list of N (C, H, W) images, which it
-    stacks inside the graph; returns (the graph's output, the inputs).
-
-    The inputs go back out so that the graph never drops the last C++ reference to a tensor
-    that Python also holds: since torch 2.10 that decrefs the tensor's Python object, which
-    takes the GIL in the middle of the graph and waits for it."""
-
-    def __init__(self, graph: torch.jit.ScriptModule) -> None:
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, x: torch.Tensor | list[torch.Tensor]):  # return type: TorchScript infers it
-        if isinstance(x, torch.Tensor):
-            return self.graph(x), [x]
-        return self.graph(torch.stack(x)), x
-
-
 @dataclass
 class TracedForward:
     """`plain(x)` -> probabilities; `capture(x)` -> (probabilities, records, summary or None),
@@ -105,12 +71,14 @@ class TracedForward:
     names: list[tuple[str, str, str, bool]]
     has_summary: bool
 
-    def plain(self, x: Batch) -> torch.Tensor:
-        probs: torch.Tensor = self.plain_graph(x)[0]
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        probs: torch.Tensor = self.plain_graph(x)
         return probs
 
-    def capture(self, x: Batch) -> tuple[torch.Tensor, list[AttentionRecord], torch.Tensor | None]:
-        (probs, tensors), _ = self.capture_graph(x)
+    def capture(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[AttentionRecord], torch.Tensor | None]:
+        probs, tensors = self.capture_graph(x)
         summary = tensors[-1] if self.has_summary else None
         records = [
             AttentionRecord(site, block, kind, tensor, derived)
@@ -123,7 +91,7 @@ def _trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python ints: checked below
         traced = torch.jit.trace(module, example, check_trace=False)
-        return torch.jit.freeze(torch.jit.script(_Batching(traced)).eval())
+        return torch.jit.freeze(traced.eval())
 
 
 def trace_forward(model: nn.Module, input_size: tuple[int, ...]) -> TracedForward | None:

@@ -94,29 +94,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     cpu_threads: int = Field(default_factory=_default_cpu_threads, ge=1, le=64)
-    cpu_pool_sched_batch: bool = Field(
-        default=True,
-        description="On Linux, run the CPU pool's threads under the SCHED_BATCH scheduling "
-        "policy: a woken pool thread does not preempt a device thread or the event loop, so "
-        "queued jobs run back to back with fewer context switches.",
-    )
-    gc_freeze: bool = Field(
-        default=True,
-        description="Once the models are loaded, collect garbage and move every live object to "
-        "Python's permanent GC generation, so full collections stop walking them.",
-    )
-    gc_threshold: int = Field(
-        default=10_000,
-        ge=100,
-        le=10_000_000,
-        description="Net allocations that start a young-generation garbage collection, set once "
-        "the models are loaded (Python's default: 700).",
-    )
     opentelemetry: bool = Field(
         default=False,
         description="FastAPI's own OpenTelemetry spans, metrics and logs, for an OpenTelemetry "
-        "provider configured in the process; off by default: looking for a provider on every "
-        "request cost about 5 % of the event loop's time.",
+        "provider configured in the process; off by default, since without one every request "
+        "still looks for a provider.",
     )
 
     @field_validator("models", "random_models", mode="before")

@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, Request
 
-from service.cpupool import CpuPool
+from service.device import DeviceWorker, default_instances
 from service.errors import BatcherStopped, NotReady
+from service.hosting import HostedModel, ModelRegistry
 from service.metrics import Metrics
-from service.pipeline import Predictor
-from service.registry import HostedModel, ModelRegistry, ModelSource
+from service.pipeline import Pipeline
+from service.repository import ModelSource
 from service.settings import Settings
-from service.worker import (
-    DeviceWorker,
-    default_instances,
-    keep_freed_memory,
-    settle_gc,
-    use_batch_scheduling,
-    use_one_thread,
-)
 
 __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
@@ -44,8 +38,8 @@ class Services:
         self.metrics = Metrics()
         self.registry = ModelRegistry(sources, settings.block_routes)
         self.worker: DeviceWorker | None = None
-        self.pool: CpuPool | None = None
-        self._predictor: Predictor | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self._pipeline: Pipeline | None = None
         self._loader: asyncio.Task[None] | None = None
         self.accepting = False
         self.stopping = False
@@ -53,32 +47,22 @@ class Services:
 
     async def start(self) -> None:
         """Start the device worker and the CPU pool, then load the models in the background."""
-        if self.device.type == "cpu":
-            keep_freed_memory()
         instances = self.settings.instances or default_instances(self.device)
         self.worker = DeviceWorker(self.device, instances=instances)
-        threads = self.settings.cpu_threads
-        self.pool = CpuPool(threads, name="attnserve-cpu", initializer=self._init_pool_thread)
-        self._predictor = Predictor(
+        self.pool = ThreadPoolExecutor(
+            self.settings.cpu_threads, thread_name_prefix="attnserve-cpu"
+        )
+        self._pipeline = Pipeline(
             self.pool,
             max_image_pixels=self.settings.max_image_pixels,
+            max_images=self.settings.max_images_per_request,
             request_timeout_s=self.settings.request_timeout_s,
         )
         self.accepting = True
         self._loader = asyncio.get_running_loop().create_task(
-            self._load_models(self.worker, self.pool), name="attnserve-load-models"
+            self.registry.load_all(self.worker, self.pool, self.settings, self.metrics),
+            name="attnserve-load-models",
         )
-
-    def _init_pool_thread(self) -> None:
-        """Each CPU pool thread: single-threaded torch ops, and SCHED_BATCH if configured."""
-        use_one_thread()
-        if self.settings.cpu_pool_sched_batch:
-            use_batch_scheduling()
-
-    async def _load_models(self, worker: DeviceWorker, pool: CpuPool) -> None:
-        """Load every model, then settle the garbage collector (see worker.settle_gc)."""
-        await self.registry.load_all(worker, pool, self.settings, self.metrics)
-        settle_gc(self.settings.gc_threshold, freeze=self.settings.gc_freeze)
 
     async def stop(self) -> None:
         """Refuse new requests, drain every batcher, then close the worker and the pool."""
@@ -87,7 +71,7 @@ class Services:
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
         await self.registry.stop(timeout=DRAIN_TIMEOUT_S)
-        if self._predictor is not None and not await self._predictor.wait_idle(DRAIN_TIMEOUT_S):
+        if self._pipeline is not None and not await self._pipeline.wait_idle(DRAIN_TIMEOUT_S):
             logger.warning("requests still in flight after %ss; stopping anyway", DRAIN_TIMEOUT_S)
         if self.worker is not None:
             await asyncio.to_thread(self.worker.close)
@@ -99,16 +83,16 @@ class Services:
         """503 before start-up and while shutting down."""
         if self.stopping:
             raise BatcherStopped("the service is shutting down")
-        if self._predictor is None or not self.accepting:
+        if self._pipeline is None or not self.accepting:
             raise NotReady("the service is starting")
 
     @property
-    def predictor(self) -> Predictor:
-        """The predictor, if requests are accepted."""
+    def pipeline(self) -> Pipeline:
+        """The prediction pipeline, if requests are accepted."""
         self.check_accepting()
-        if self._predictor is None:
+        if self._pipeline is None:
             raise NotReady("the service is starting")
-        return self._predictor
+        return self._pipeline
 
     def ready_model(self, hosted: HostedModel) -> HostedModel:
         """`hosted` if it can take requests now; 503 with the reason otherwise."""

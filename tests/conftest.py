@@ -8,9 +8,7 @@ and bicubic resizing, so the colour path and a real crop are exercised too.
 
 from __future__ import annotations
 
-import gc
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +19,6 @@ from PIL import Image
 from models import DataConfig, ModelCard, create_model, save_package
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "china")
-
-
-@pytest.fixture(autouse=True)
-def _restore_gc() -> Iterator[None]:
-    """A started service settles the garbage collector for the whole process
-    (service.worker.settle_gc); give every later test Python's defaults back."""
-    threshold = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
 
 
 def encode(array: np.ndarray, fmt: str, **params: object) -> bytes:

@@ -1,4 +1,5 @@
-"""Attention blocks (one paper per file), the attention capture and the summary map.
+"""Attention blocks (one paper per file), the attention capture, the table of record kinds and
+the summary map.
 
 Add-on blocks take ``(channels, **options)`` and keep the input shape; SK replaces a 3x3 conv.
 Every block has a ``block_name`` class attribute and a ``reset_parameters()`` method that applies
@@ -11,7 +12,6 @@ from torch import nn
 
 from .capture import (
     DERIVED_VIEWS,
-    RECORD_KINDS,
     AttentionCapture,
     AttentionRecord,
     SiteInfo,
@@ -24,6 +24,7 @@ from .cbam import CBAM
 from .coord_att import CoordAtt
 from .eca import ECA, eca_kernel_size
 from .gc import GC
+from .kinds import RECORD_KINDS, SPATIAL_KINDS, RecordKind, display
 from .se import SE
 from .sk import SKConv
 from .summary import spatial_views, summary_map
@@ -61,14 +62,17 @@ __all__ = [
     "GC",
     "RECORD_KINDS",
     "SE",
+    "SPATIAL_KINDS",
     "AttentionCapture",
     "AttentionRecord",
     "CoordAtt",
+    "RecordKind",
     "SKConv",
     "SiteInfo",
     "Tap",
     "capture_attention",
     "create_attention",
+    "display",
     "eca_kernel_size",
     "iter_blocks",
     "list_sites",

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-RECORD_KINDS = ("channel", "spatial", "context", "coord_h", "coord_w", "branch")
-"""Tap kinds that become records; any other kind (SK's ``"feature"``) is internal."""
+from .kinds import RECORD_KINDS
 
 _EPS = 1e-6
 

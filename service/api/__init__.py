@@ -6,12 +6,9 @@ from fastapi import APIRouter
 
 from service.api import health, v1, v2
 
-__all__ = ["api_router", "fast_routes"]
+__all__ = ["api_router"]
 
 api_router = APIRouter()
 api_router.include_router(v1.router)
 api_router.include_router(v2.router)
 api_router.include_router(health.router)
-
-# Plain routes for the inference paths, to be matched before the routers (service/api/fast.py).
-fast_routes = [*v1.fast_routes, *v2.fast_routes]

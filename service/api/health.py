@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.api.handlers import ORJSONResponse
+from service.api.schemas import NotReadyResponse, ReadyResponse
 from service.errors import NotReady
 from service.metrics import CONTENT_TYPE
 from service.state import ServicesDep
@@ -20,7 +21,13 @@ async def live() -> ORJSONResponse:
     return ORJSONResponse({"status": "alive"})
 
 
-@router.get("/health/ready", summary="Readiness", response_class=ORJSONResponse)
+@router.get(
+    "/health/ready",
+    summary="Readiness",
+    response_class=ORJSONResponse,
+    response_model=ReadyResponse,
+    responses={503: {"model": NotReadyResponse, "description": "Not ready, with the reason."}},
+)
 async def ready(services: ServicesDep) -> ORJSONResponse:
     """200 once every model is loaded and warm and the device worker answers; else 503 + reason."""
     is_ready, reason = await services.readiness()
@@ -31,7 +38,12 @@ async def ready(services: ServicesDep) -> ORJSONResponse:
     return ORJSONResponse(body, status_code=NotReady.status_code)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus text exposition of this app's registry."""
     return Response(services.metrics_text(), media_type=CONTENT_TYPE)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 
+from service.api.schemas import JsonPredictBody
 from service.errors import (
     BadRequest,
     ClientDisconnected,
@@ -25,47 +25,14 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.imaging import ACCEPTED_IMAGE_TYPES
-from service.maps import MapOptions
+from service.pipeline import check_count
 
-__all__ = ["ACCEPTED_CONTENT_TYPES", "JsonPredictBody", "Payload", "PredictOptions", "read_payload"]
+__all__ = ["ACCEPTED_CONTENT_TYPES", "Payload", "read_payload"]
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 ACCEPTED_CONTENT_TYPES = (MULTIPART, JSON, *ACCEPTED_IMAGE_TYPES)
 _GENERIC_PART_TYPES = ("", "application/octet-stream")
-
-
-class PredictOptions(BaseModel):
-    """Options of the predict and compare routes (query string, form fields or JSON body)."""
-
-    top_k: int = Field(5, ge=1, le=1000, description="How many classes to return per image.")
-    maps: Literal["none", "summary", "layers", "all"] = Field(
-        "summary",
-        description="none; summary (one map); layers (+ each site's spatial view); "
-        "all (+ raw channel/coordinate/branch tensors).",
-    )
-    map_size: int | None = Field(
-        None,
-        ge=8,
-        le=512,
-        description="Longest side of the returned maps (default: the image's longest side, "
-        "at most 64 and at least 8).",
-    )
-    map_format: Literal["json", "png"] = Field(
-        "json", description="json number arrays, or base64 PNG heatmaps for 2-D maps."
-    )
-
-    def to_map_options(self) -> MapOptions:
-        return MapOptions(self.top_k, self.maps, self.map_size, self.map_format)
-
-
-class JsonPredictBody(PredictOptions):
-    """The JSON request form: base64 images plus any option."""
-
-    model_config = ConfigDict(extra="forbid")
-    images: list[str] = Field(
-        min_length=1, description="Base64-encoded image files (data: URLs accepted)."
-    )
 
 
 @dataclass
@@ -120,22 +87,8 @@ async def read_payload(request: Request, *, max_body_bytes: int, max_images: int
         payload = _json(body, max_images)
     else:
         payload = Payload([body])
-    _check_count(len(payload.images), max_images)
+    check_count(len(payload.images), max_images)
     return payload
-
-
-def _check_count(count: int, max_images: int) -> None:
-    """413: the count is a size limit of the payload, like the byte limit (not a bad option)."""
-    if count == 0:
-        raise BadRequest(
-            "the request carries no image; send file parts (multipart/form-data), a raw image "
-            'body, or JSON {"images": [<base64>, ...]}'
-        )
-    if count > max_images:
-        raise PayloadTooLarge(
-            f"the request carries {count} images, more than the limit of {max_images} per "
-            "request. Hint: split it into several requests."
-        )
 
 
 async def _multipart(request: Request, body: bytes, max_images: int) -> Payload:
@@ -182,7 +135,7 @@ def _json(body: bytes, max_images: int) -> Payload:
     if not isinstance(data, dict):
         raise BadRequest('the JSON body must be an object like {"images": ["<base64>", ...]}')
     if isinstance(data.get("images"), list):
-        _check_count(len(data["images"]), max_images)
+        check_count(len(data["images"]), max_images)
     parsed = JsonPredictBody.model_validate(data)
     options = parsed.model_dump(exclude_unset=True, exclude={"images"})
     return Payload([_b64(i, text) for i, text in enumerate(parsed.images)], options)

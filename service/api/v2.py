@@ -13,9 +13,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.fast import PlainRoute
 from service.api.handlers import ORJSONResponse
-from service.api.v1 import MODEL_SCOPE_KEY
+from service.api.requests import MODEL_SCOPE_KEY, until_disconnect
+from service.api.schemas import V2Error, error_responses
 from service.api.v2_codec import (
     HEADER_LENGTH,
     InputTensor,
@@ -23,30 +23,34 @@ from service.api.v2_codec import (
     parse_request,
     read_infer_body,
 )
-from service.api.v2_tensors import (
+from service.api.v2_outputs import (
     IMAGE,
     PROBABILITIES,
-    SITE_PREFIX,
     SUMMARY,
     TENSOR,
-    cpu,
     encode_outputs,
-    prepare_inputs,
+    has_summary,
+    map_request,
+    run_inputs,
+    site_outputs,
 )
 from service.errors import BadRequest, NotReady, UnknownModel
-from service.pipeline import PredictItem, gather_all, until_disconnect
-from service.registry import HostedModel
+from service.hosting import HostedModel
 from service.state import Services, ServicesDep
 
-__all__ = ["fast_routes", "router"]
+__all__ = ["router"]
 
-router = APIRouter(prefix="/v2", tags=["v2"], default_response_class=ORJSONResponse)
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2"],
+    default_response_class=ORJSONResponse,
+    responses=error_responses(V2Error, 400, 404, 503),
+)
 
 SERVER_NAME = "attnserve"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "pytorch_attnserve"
 VERSION = "1"
-_SITE_DIMS = {"spatial": 2, "context": 2, "channel": 1, "coord_h": 2, "coord_w": 2, "branch": 2}
 _INFER_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -99,30 +103,39 @@ async def model_ready(
     return ORJSONResponse({"name": name, "ready": True})
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference",
+    openapi_extra=_INFER_DOC,
+    responses=error_responses(V2Error, 413, 415, 504),
+)
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference (version)",
     openapi_extra=_INFER_DOC,
+    responses=error_responses(V2Error, 413, 415, 504),
 )
 async def infer(
     name: str, request: Request, services: ServicesDep, version: str | None = None
 ) -> Response:
     """Probabilities and attention maps for a batch of encoded images or model-ready tensors."""
-    # Documents the routes in OpenAPI; requests reach `_serve_infer` through `fast_routes`.
-    return await _serve_infer(request)
-
-
-async def _serve_infer(request: Request) -> Response:
-    services: Services = request.app.state.services
-    params = request.path_params
-    return await _infer(request, services, _model(services, params["name"], params.get("version")))
-
-
-fast_routes = [
-    PlainRoute("/v2/models/{name}/infer", _serve_infer, methods=["POST"]),
-    PlainRoute("/v2/models/{name}/versions/{version}/infer", _serve_infer, methods=["POST"]),
-]
+    hosted = _model(services, name, version)
+    request.scope[MODEL_SCOPE_KEY] = hosted.name
+    services.ready_model(hosted)
+    pipeline = services.pipeline
+    with pipeline.tracked():
+        body = await read_infer_body(request, services.settings.max_body_bytes)
+        header, inputs = parse_request(body, request.headers.get(HEADER_LENGTH))
+        head = _response_head(header, hosted.name, VERSION)
+        wanted = _requested(header, hosted)
+        work = run_inputs(pipeline, hosted, _single_input(inputs), map_request(wanted))
+        results = await until_disconnect(request.receive, work)
+        content, length = await pipeline.offload(encode_outputs, hosted, wanted, results, head)
+    if length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(length)}
+    )
 
 
 def _model(services: Services, name: str, version: str | None) -> HostedModel:
@@ -136,28 +149,15 @@ def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape}
 
 
-def _site_outputs(hosted: HostedModel) -> dict[str, int]:
-    """Per-site output names and their rank (batch dimension included)."""
-    return {
-        f"{SITE_PREFIX}{site['site']}/{kind}": 1 + _SITE_DIMS[kind]
-        for site in hosted.sites
-        for kind in site["kinds"]
-    }
-
-
-def _has_summary(hosted: HostedModel) -> bool:
-    return any(k in ("spatial", "context") for site in hosted.sites for k in site["kinds"])
-
-
 def _metadata(hosted: HostedModel) -> dict[str, Any]:
     if hosted.config is None:
         raise NotReady(f"model {hosted.name!r} is {hosted.status}; metadata once it is loaded")
     config = hosted.config
     channels, height, width = config.input_size
     outputs = [_tensor(PROBABILITIES, "FP32", [-1, len(config.labels)])]
-    if _has_summary(hosted):
+    if has_summary(hosted):
         outputs.append(_tensor(SUMMARY, "FP32", [-1, -1, -1]))
-    outputs += [_tensor(n, "FP32", [-1] * rank) for n, rank in _site_outputs(hosted).items()]
+    outputs += [_tensor(n, "FP32", [-1] * rank) for n, rank in site_outputs(hosted).items()]
     return {
         "name": hosted.name,
         "versions": [VERSION],
@@ -174,31 +174,6 @@ def _metadata(hosted: HostedModel) -> dict[str, Any]:
             "std": ",".join(map(str, config.std)),
         },
     }
-
-
-async def _infer(request: Request, services: Services, hosted: HostedModel) -> Response:
-    request.scope[MODEL_SCOPE_KEY] = hosted.name
-    services.ready_model(hosted)
-    settings = services.settings
-    with services.predictor.tracked():
-        body = await read_infer_body(request, settings.max_body_bytes)
-        header, inputs = parse_request(body, request.headers.get(HEADER_LENGTH))
-        head = _response_head(header, hosted.name, VERSION)
-        wanted = _requested(header, hosted)
-        tensors, geometries = await prepare_inputs(services, hosted, _single_input(inputs))
-        capture = any(r.name != PROBABILITIES for r in wanted)
-        submits = (
-            hosted.submit(PredictItem(t, capture), settings.request_timeout_s) for t in tensors
-        )
-        outs = await until_disconnect(request.receive, gather_all(submits))
-        content, length = await cpu(
-            services, encode_outputs, hosted, wanted, outs, geometries, head
-        )
-    if length is None:
-        return Response(content, media_type="application/json")
-    return Response(
-        content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(length)}
-    )
 
 
 def _parameters(entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -248,11 +223,11 @@ def _response_head(header: dict[str, Any], model: str, version: str) -> dict[str
 
 def _requested(header: dict[str, Any], hosted: HostedModel) -> list[Requested]:
     """The outputs asked for (every default one when none are), checked against the model."""
-    defaults = [PROBABILITIES, *([SUMMARY] if _has_summary(hosted) else [])]
+    defaults = [PROBABILITIES, *([SUMMARY] if has_summary(hosted) else [])]
     wanted, binary = _parse_outputs(header)
     if wanted is None:
         return [Requested(name, binary) for name in defaults]
-    available = defaults + list(_site_outputs(hosted))
+    available = defaults + list(site_outputs(hosted))
     for request in wanted:
         if request.name not in available:
             raise BadRequest(

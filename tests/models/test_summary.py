@@ -15,7 +15,6 @@ from models.attention import (
     spatial_views,
     summary_map,
 )
-from models.attention.summary import upsample_bilinear
 
 
 def record(site: str, kind: str, tensor: torch.Tensor, derived: bool = False) -> AttentionRecord:
@@ -92,23 +91,3 @@ def test_real_models_give_maps_on_the_input_grid() -> None:
         assert out.shape == (2, 30, 50)
         assert out.min() >= 0 and out.max() <= 1
         assert out.amax((1, 2)).eq(1).all()
-
-
-def test_upsampling_matches_torch_bilinear() -> None:
-    """`upsample_bilinear` (whole scales: phase-wise lerps) against F.interpolate, including
-    scales that differ per axis, scale 1, and a size that is no whole multiple (F.interpolate)."""
-    generator = torch.Generator().manual_seed(0)
-    for (rows, cols), size in [
-        ((8, 8), (64, 64)),
-        ((16, 16), (64, 64)),
-        ((32, 32), (64, 64)),
-        ((7, 5), (21, 40)),
-        ((6, 10), (6, 30)),
-        ((1, 3), (4, 9)),
-        ((5, 7), (11, 9)),
-    ]:
-        maps = torch.rand(3, rows, cols, generator=generator)
-        want = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        got = upsample_bilinear(maps, size)
-        assert got.shape == want.shape == (3, *size)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -171,12 +171,10 @@ def test_training_is_deterministic() -> None:
 
 
 def _host(root: Path, name: str) -> torch.nn.Module:
-    """Bring a package up as the service does (its registry if present, else load_package)."""
-    try:
-        from service.registry import discover
-        from service.settings import Settings
-    except ImportError:
-        return load_package(root / "pkg")[0]
+    """Bring a package up as the service does (its repository discovery)."""
+    from service.repository import discover
+    from service.settings import Settings
+
     sources = {s.name: s for s in discover(Settings(model_repository=str(root)))}
     assert not sources[name].random_weights
     return sources[name].build()

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import io
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import AsyncIterator
@@ -352,7 +350,7 @@ async def test_unexpected_errors_on_the_inference_routes_are_generic(
     async def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(served.app.state.services.predictor, "predict", boom)
+    monkeypatch.setattr(served.app.state.services.pipeline, "predict", boom)
     response = await served.client.post(
         "/v1/models/tiny-se/predict", **raw(digits[2][1], "image/png")
     )
@@ -397,38 +395,6 @@ def broken_repository(model_repository: Path, tmp_path_factory: pytest.TempPathF
     (root / "tiny-bad" / "card.json").write_text(json.dumps({**card, "name": "tiny-bad"}))
     (root / "tiny-bad" / "model.safetensors").write_bytes(b"corrupted")
     return root
-
-
-@module_loop
-async def test_garbage_collector_settled_once_models_are_loaded(model_repository: Path) -> None:
-    """Ready means every model loaded and the collector settled: the objects alive then are
-    frozen, and the young-generation threshold is the configured one."""
-    gc.unfreeze()
-    settings = Settings(model_repository=model_repository, models=["tiny-se"], gc_threshold=5000)
-    async with serve(settings) as served:
-        assert (await served.client.get("/health/ready")).status_code == 200
-        assert gc.get_threshold()[0] == 5000
-        assert gc.get_freeze_count() > 10_000  # torch, the model, the web stack
-        response = await served.client.post("/v1/models/tiny-se/predict", **raw(b"not an image"))
-        check_error(response, 400, "invalid_image")
-
-
-@module_loop
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-@pytest.mark.parametrize("sched_batch", [True, False])
-async def test_cpu_pool_threads_scheduling_policy(model_repository: Path, sched_batch) -> None:
-    """The CPU pool's threads run under SCHED_BATCH unless the setting turns it off; the event
-    loop's thread keeps its policy."""
-    settings = Settings(
-        model_repository=model_repository, models=["tiny-se"], cpu_pool_sched_batch=sched_batch
-    )
-    loop_policy = os.sched_getscheduler(0)
-    async with serve(settings) as served:
-        pool = served.services.pool
-        assert pool is not None
-        policies = {pool.submit(os.sched_getscheduler, 0).result(5) for _ in range(20)}
-        assert policies == {os.SCHED_BATCH if sched_batch else os.SCHED_OTHER}
-        assert os.sched_getscheduler(0) == loop_policy == os.SCHED_OTHER
 
 
 @module_loop

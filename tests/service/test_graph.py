@@ -11,7 +11,7 @@ from torch import nn
 from models import capture_attention
 from models.package import load_package
 from service.graph import trace_forward
-from service.worker import ModelRunner
+from service.runner import ModelRunner
 
 CPU = torch.device("cpu")
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
@@ -46,36 +46,6 @@ def test_traced_runner_matches_eager(block: str) -> None:
             else:
                 torch.testing.assert_close(got.summary, want.summary, atol=1e-3, rtol=0)
     assert bool(traced.forward(batch, True).records) == (block != "none")
-
-
-@pytest.mark.parametrize("block", ["cbam", "coordatt"])
-def test_a_list_of_images_gives_what_their_stacked_batch_gives(block: str) -> None:
-    """The traced graphs stack a list of (C, H, W) images themselves (service.graph); eager,
-    channels_last and traced runners all take the list and answer as for the batch."""
-    model = _zoo_model(block)
-    images = list(torch.rand((5, 1, 64, 64), generator=torch.Generator().manual_seed(2)))
-    batch = torch.stack(images)
-    for runner in (
-        ModelRunner(block, model, device=CPU, trace=True),
-        ModelRunner(block, model, device=CPU),
-        ModelRunner(block, model, device=CPU, channels_last=True, trace=True),
-    ):
-        for capture in (True, False):
-            want, got = runner.forward(batch, capture), runner.forward(images, capture)
-            assert torch.equal(got.probs, want.probs)
-            assert len(got.records) == len(want.records)
-            assert bool(got.records) == capture
-            for g, w in zip(got.records, want.records, strict=True):
-                assert (g.site, g.kind) == (w.site, w.kind) and torch.equal(g.tensor, w.tensor)
-            assert (got.summary is None) == (want.summary is None) == (not capture)
-            if capture:
-                assert torch.equal(got.summary, want.summary)
-
-
-def test_a_list_must_hold_single_images() -> None:
-    runner = ModelRunner("cbam", _zoo_model("cbam"), device=CPU, trace=True)
-    with pytest.raises(ValueError, match=r"expected \(C, H, W\) images"):
-        runner.forward([torch.rand(1, 1, 64, 64)], capture=False)
 
 
 class _BatchDependent(nn.Module):

@@ -14,20 +14,20 @@ import torch
 from PIL import Image
 
 from models import create_model
+from service.api.encode import _map_entry, image_answer, top_k
+from service.api.schemas import PredictOptions as MapOptions
+from service.forward import ImageResult
 from service.imaging import Geometry, plan_geometry, preprocess
 from service.maps import (
-    JsonText,
-    MapOptions,
     MapPlan,
+    MapRequest,
+    batch_maps,
     default_map_size,
-    image_result,
     map_grid,
     output_size,
-    prepare_maps,
     to_original,
-    top_k,
 )
-from service.worker import ModelRunner
+from service.runner import ModelRunner
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_a_ramp_stays_a_ramp_after_mapping_back() -> None:
 
 
 def test_top_k_is_sorted_rounded_and_clipped() -> None:
-    probs = torch.tensor([0.1, 0.5, 0.123456789, 0.276543211])
+    probs = np.array([0.1, 0.5, 0.123456789, 0.276543211], dtype=np.float32)
     best = top_k(probs, ("a", "b", "c", "d"), 3)
     assert [p["label"] for p in best] == ["b", "d", "c"]
     assert best[2] == {"label": "c", "index": 2, "probability": 0.12346}
@@ -96,6 +96,19 @@ def _outputs(block: str, photos: dict) -> tuple:
     prepared = preprocess(Image.fromarray(photos["chelsea"]), model.data_config)
     out = ModelRunner(block, model, device=CPU).forward(prepared.tensor[None], capture=True)
     return out, prepared.geometry, model.data_config.labels
+
+
+def image_result(
+    probs: torch.Tensor,
+    records: list,
+    summary: torch.Tensor | None,
+    geometry: Geometry,
+    labels: tuple[str, ...],
+    options: MapOptions,
+) -> dict:
+    """One image's answer object from its outputs (batch dimension 1), as the route builds it."""
+    (maps,) = batch_maps(records, summary, [MapPlan.for_image(geometry, options.map_request())])
+    return image_answer(ImageResult(probs.numpy(), geometry, maps), labels, options)
 
 
 def _as_sent(*args: object) -> dict:
@@ -170,19 +183,18 @@ def test_png_colours_follow_the_values() -> None:
 
 
 def test_map_numbers_print_as_their_three_decimal_rounding() -> None:
-    """Map data is held as float32 where that is exact for 3 decimals; the JSON text is the
-    same as from float64 values rounded to 3 decimals, and large values stay float64."""
-    from service.maps import _rounded
-
+    """Map numbers go out rounded to 3 decimals, never as -0, whatever their magnitude."""
     rng = np.random.default_rng(0)
-    for low, high in ((0.0, 1.0), (-16383.0, 16383.0), (1e5, 2e5)):
-        values = torch.from_numpy(rng.uniform(low, high, (64, 64)))
-        data = _rounded(values).numpy()
-        expected = np.round(values.numpy(), 3) + 0.0
-        got = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
-        assert got == orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY)
-        assert data.dtype == (np.float32 if high < 2**14 else np.float64)
-        assert orjson.loads(got) == expected.tolist()
+    for low, high in ((-1.0, 1.0), (-16383.0, 16383.0), (1e5, 2e5)):
+        values = rng.uniform(low, high, (64, 64)).astype(np.float32)
+        values[0, :3] = [-0.0001, -0.0, 0.0004]
+        text = orjson.dumps(
+            _map_entry(values, png=False)["data"], option=orjson.OPT_SERIALIZE_NUMPY
+        )
+        parsed = np.asarray(orjson.loads(text), dtype=np.float64)
+        assert parsed.shape == values.shape and b"-0.0," not in text
+        assert np.all(np.abs(parsed - values.astype(np.float64)) <= 0.0005 + 1e-9 * high)
+        assert np.all(np.abs(parsed * 1000 - np.round(parsed * 1000)) < 1e-6 * max(1.0, high))
 
 
 def _batch_outputs(block: str, photos: dict) -> tuple:
@@ -197,24 +209,6 @@ def _batch_outputs(block: str, photos: dict) -> tuple:
     return out, [p.geometry for p in prepared]
 
 
-def _comparable(values: object) -> tuple:
-    """A map's values as something == compares: its JSON text, or its dtype, shape and numbers."""
-    if isinstance(values, JsonText):
-        return ("text", values.shape, values.text())
-    assert isinstance(values, np.ndarray)
-    return ("numbers", values.dtype, values.shape, values.tolist())
-
-
-def _numbers(values: object) -> np.ndarray:
-    """A map's numbers, parsed from its JSON text where it has one."""
-    if isinstance(values, JsonText):
-        parsed = np.asarray(orjson.loads(values.text()), dtype=np.float64)
-        assert parsed.shape == values.shape
-        return parsed
-    assert isinstance(values, np.ndarray)
-    return values
-
-
 def _one(out: object, i: int) -> tuple:
     records = [dataclasses.replace(r, tensor=r.tensor[i : i + 1]) for r in out.records]
     return records, out.summary[i : i + 1]
@@ -222,128 +216,55 @@ def _one(out: object, i: int) -> tuple:
 
 @pytest.mark.parametrize("block", ["gc", "coordatt"])
 def test_batch_maps_equal_each_image_alone(photos: dict, block: str) -> None:
-    """prepare_maps groups images by map shape and level; every image's maps must be what it
+    """batch_maps groups images by map shape and level; every image's maps must be what it
     gets in a batch of its own, whatever the others asked for."""
     out, geometries = _batch_outputs(block, photos)
-    options = [
-        MapOptions(maps="all"),
-        MapOptions(maps="summary", map_size=30),
-        MapOptions(maps="all"),
-    ]
+    options = [MapRequest("all"), MapRequest("summary", 30), MapRequest("all")]
     plans = [MapPlan.for_image(g, o) for g, o in zip(geometries, options, strict=True)]
     assert plans[0].mask.shape == plans[2].mask.shape != plans[1].mask.shape  # type: ignore[union-attr]
-    together = prepare_maps(out.records, out.summary, plans)
+    together = batch_maps(out.records, out.summary, plans)
     for i, maps in enumerate(together):
-        (alone,) = prepare_maps(*_one(out, i), [plans[i]])
+        (alone,) = batch_maps(*_one(out, i), [plans[i]])
         assert maps is not None and alone is not None
-        assert [(h, s) for h, s, _ in maps.layers] == [(h, s) for h, s, _ in alone.layers]
-        assert _comparable(maps.summary) == _comparable(alone.summary)
-        for (_, _, got), (_, _, want) in zip(maps.layers, alone.layers, strict=True):
-            assert _comparable(got) == _comparable(want)
+        np.testing.assert_array_equal(maps.summary, alone.summary)
+        for got, want in zip(maps.layers + maps.native, alone.layers + alone.native, strict=True):
+            assert (got.layer, got.kind, got.on_image) == (want.layer, want.kind, want.on_image)
+            np.testing.assert_array_equal(got.values, want.values)
+        assert len(maps.layers) == len(alone.layers) and len(maps.native) == len(alone.native)
     assert together[1] is not None and together[1].layers == []
-    assert prepare_maps(out.records, out.summary, [None, None, None]) == [None, None, None]
+    assert batch_maps(out.records, out.summary, [None, None, None]) == [None, None, None]
 
 
-def test_batch_maps_are_the_rounded_single_map_resampling(photos: dict) -> None:
-    """The batch path gives each image what `to_original` (used by the v2 route) gives it."""
+def test_batch_maps_are_the_single_map_resampling(photos: dict) -> None:
+    """The batch path gives each image what `to_original` gives it for that image alone."""
     out, geometries = _batch_outputs("gc", photos)
-    plans = [MapPlan.for_image(g, MapOptions(maps="layers")) for g in geometries]
+    plans = [MapPlan.for_image(g, MapRequest("layers")) for g in geometries]
     context = next(r for r in out.records if r.kind == "context")
-    for i, maps in enumerate(prepare_maps(out.records, out.summary, plans)):
+    for i, maps in enumerate(batch_maps(out.records, out.summary, plans)):
+        assert maps is not None
         grid, mask = map_grid(geometries[i], default_map_size(geometries[i]))
-        want = np.round(to_original(out.summary[i], grid, mask).double().numpy(), 3)
-        assert isinstance(maps.summary, JsonText)  # a JSON answer, numbers in [0, 1]
-        np.testing.assert_array_equal(_numbers(maps.summary), want)
-        head, spatial, values = next(e for e in maps.layers if e[0]["layer"] == context.site)
+        want = to_original(out.summary[i], grid, mask).numpy()
+        np.testing.assert_allclose(maps.summary, want, rtol=0, atol=1e-6)
+        layer = next(m for m in maps.layers if m.layer == context.site)
         view = context.tensor[i, 0] * context.tensor[i, 0].numel()
-        want = np.round(to_original(view, grid, mask).double().numpy(), 3)
-        assert spatial and head["kind"] == "context" and values.max() > 1.0
-        np.testing.assert_allclose(values, want, rtol=0, atol=1e-6)
+        want = to_original(view, grid, mask).numpy()
+        assert layer.on_image and layer.kind == "context" and layer.values.max() > 1.0
+        np.testing.assert_allclose(layer.values, want, rtol=0, atol=1e-5)
 
 
 def test_prepare_items_plans_each_configs_maps(photos: dict) -> None:
     """The pool job of a request: one item per model config, with the map plan for its
-    geometry (or none, and no capture, for maps=none)."""
+    geometry (or none, and so no capture, for maps=none)."""
     from service.pipeline import prepare_items
     from tests.conftest import encode
 
     data = encode(photos["chelsea"], "JPEG")
     configs = [create_model("resnet_small").data_config, create_model("resnet18").data_config]
-    pairs = prepare_items(data, configs, MapOptions(maps="all", map_size=30), max_pixels=10**8)
-    assert len(pairs) == 2
-    for (prepared, item), config in zip(pairs, configs, strict=True):
-        assert item.tensor is prepared.tensor and item.tensor.shape == config.input_size
-        assert item.capture and item.maps is not None and item.maps.level == "all"
-        assert tuple(item.maps.mask.shape) == output_size(451, 300, 30) == (20, 30)
-    ((_, item),) = prepare_items(data, configs[:1], MapOptions(maps="none"), max_pixels=10**8)
-    assert not item.capture and item.maps is None
-
-
-def test_the_scripted_group_maps_equal_the_eager_ones() -> None:
-    """prepare_maps runs `_group_maps` as TorchScript; it must give what the Python does:
-    numbers, or JSON text for the maps in [0, 1] of one or two dimensions when asked."""
-    from service.maps import _TEXT_TABLE, _group_maps, _group_maps_graph
-
-    rng = torch.Generator().manual_seed(0)
-    views = [torch.rand(3, 1, 7, 7, generator=rng), torch.rand(3, 14, 14, generator=rng) * 5e4]
-    raw = [torch.rand(3, 8, 5, 1, generator=rng), torch.rand(3, 16, generator=rng) - 0.5]
-    geometry = Geometry(50, 40, 32, 32, 0, 0, 32, 32)
-    grid, mask = map_grid(geometry, 20)
-    numbers = [torch.float32, torch.float64, torch.float32, torch.float32]
-    for members, text in ((None, False), ([0, 2], False), (None, True), ([0, 2], True)):
-        n = 3 if members is None else 2
-        args = (views, [False, True], raw, [True, False], members, [grid] * n, [mask] * n)
-        table = _TEXT_TABLE if text else None
-        eager = _group_maps(*args, table)
-        scripted = _group_maps_graph(*args, table)
-        assert scripted[1] == [list(s) for s in eager[1]] == [[16, 20], [16, 20], [8, 5], [16]]
-        want = [torch.uint8, torch.float64, torch.uint8, torch.float32] if text else numbers
-        assert [t.dtype for t in scripted[0]] == want
-        for got, expected in zip(scripted[0], eager[0], strict=True):
-            assert got.shape[0] == n
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def _reference_text(values: np.ndarray) -> bytes:
-    """JSON of `values` rounded as numpy rounds, every number printed with 3 decimals."""
-    rounded = np.round(values.astype(np.float64), 3) + 0.0
-    if rounded.ndim == 1:
-        return b"[" + b",".join(b"%.3f" % v for v in rounded) + b"]"
-    return b"[" + b",".join(_reference_text(row) for row in rounded) + b"]"
-
-
-@pytest.mark.parametrize("shape", [(4, 9), (4, 3, 7), (1, 1), (2, 1, 1), (3, 64, 1)])
-def test_json_text_is_the_three_decimal_rounding(shape: tuple[int, ...]) -> None:
-    """Each image's text is what Python's %.3f prints of the numpy rounding, in nested JSON
-    arrays; it parses to exactly numpy's rounded numbers."""
-    from service.maps import _TEXT_TABLE, _finished
-
-    rng = np.random.default_rng(sum(shape))
-    values = rng.random(shape).astype(np.float32)
-    values.flat[0], values.flat[-1] = 1.0, 0.0
-    text = _finished(torch.from_numpy(values), _TEXT_TABLE)
-    assert text.dtype == torch.uint8 and text.shape[0] == shape[0]
-    for image, row in zip(values, text.numpy(), strict=True):
-        assert row.tobytes() == _reference_text(image)
-        parsed = orjson.loads(row.tobytes())
-        assert parsed == (np.round(image.astype(np.float64), 3) + 0.0).tolist()
-
-
-def test_json_text_edges_and_fallbacks() -> None:
-    """Halves round to even, -0.0004 prints as 0.000; numbers outside [0, 1], maps of more
-    than two dimensions per image and text=False stay numbers."""
-    from service.maps import _TEXT_TABLE, _finished
-
-    edges = torch.tensor([[0.0005, 0.0015, 0.9995, -0.0004, 1.0004]], dtype=torch.float64)
-    assert _finished(edges, _TEXT_TABLE)[0].numpy().tobytes() == (
-        b"[0.000,0.002,1.000,0.000,1.000]"
-    )
-    for values, text in (
-        (torch.tensor([[0.5, 1.0006]]), True),
-        (torch.tensor([[0.5, -0.0006]]), True),
-        (torch.rand(2, 3, 4, 5), True),
-        (torch.rand(2, 3), False),
-    ):
-        got = _finished(values, _TEXT_TABLE if text else None)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, torch.round(values.double() * 1000).float() / 1000)
+    items = prepare_items(data, configs, MapRequest("all", 30), max_pixels=10**8)
+    assert len(items) == 2
+    for item, config in zip(items, configs, strict=True):
+        assert item.tensor.shape == config.input_size and item.geometry is not None
+        assert item.plan is not None and item.plan.level == "all"
+        assert tuple(item.plan.mask.shape) == output_size(451, 300, 30) == (20, 30)  # type: ignore[union-attr]
+    (item,) = prepare_items(data, configs[:1], MapRequest("none"), max_pixels=10**8)
+    assert item.plan is None

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from service.api.requests import until_disconnect
 from service.errors import ClientDisconnected
-from service.pipeline import gather_all, until_disconnect
+from service.pipeline import gather_all
 
 
 class Receive:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,17 +13,9 @@ import torch
 from torch import nn
 
 from models import create_model
+from service.device import DeviceWorker, default_instances, resolve_device
 from service.errors import NotReady
-from service.worker import (
-    BatchOutput,
-    DeviceWorker,
-    ModelRunner,
-    default_instances,
-    host_copy,
-    resolve_device,
-    use_batch_scheduling,
-    use_one_thread,
-)
+from service.runner import BatchOutput, ModelRunner, host_copy
 
 CPU = torch.device("cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -114,7 +103,7 @@ def test_out_of_memory_splits_batch_in_halves(
 ) -> None:
     wrapped = FakeOOM(digits_model(), limit=1)
     runner = ModelRunner("digits", wrapped, device=CPU)
-    with caplog.at_level(logging.WARNING, logger="service.worker"):
+    with caplog.at_level(logging.WARNING, logger="service.runner"):
         out = runner.forward(images(4), capture=True)
     assert wrapped.sizes == [4, 2, 1, 1, 2, 1, 1]
     assert "splitting into 2 + 2" in caplog.text
@@ -205,35 +194,11 @@ async def test_device_worker_uses_one_dedicated_thread(runner: ModelRunner) -> N
         await worker.run(threading.get_ident)
 
 
-async def test_pending_counts_calls_waiting_for_a_device_thread() -> None:
-    worker = DeviceWorker(CPU)
-    gate = threading.Event()
-    try:
-        busy = asyncio.create_task(worker.run(gate.wait, 5.0))
-        await asyncio.sleep(0.05)
-        assert worker.pending == 0  # the running call is not waiting
-        waiting = [asyncio.create_task(worker.run(threading.get_ident)) for _ in range(2)]
-        dropped = asyncio.create_task(worker.run(threading.get_ident))
-        await asyncio.sleep(0.05)
-        assert worker.pending == 3
-        dropped.cancel()  # cancelled before a thread took it: no longer waiting
-        await asyncio.sleep(0.05)
-        assert worker.pending == 2
-        gate.set()
-        assert await busy is True
-        await asyncio.gather(*waiting)
-        assert worker.pending == 0
-    finally:
-        gate.set()
-        worker.close()
-
-
-async def test_only_the_device_thread_has_intra_op_threads() -> None:
-    """The CPU pool runs torch single-threaded; the device thread keeps its own count, even
-    when it starts after a pool thread changed the count that new threads inherit."""
+async def test_device_threads_get_their_intra_op_threads() -> None:
+    """A device thread keeps the count it was given, whatever other threads set."""
     default = torch.get_num_threads()
-    with ThreadPoolExecutor(2, initializer=use_one_thread) as pool:
-        assert set(pool.map(lambda _: torch.get_num_threads(), range(4))) == {1}
+    with ThreadPoolExecutor(1) as other:
+        other.submit(torch.set_num_threads, 1).result()
         worker, pinned = DeviceWorker(CPU), DeviceWorker(CPU, threads=3)
         try:
             assert worker.threads == default
@@ -328,99 +293,10 @@ def test_real_cuda_out_of_memory_splits(caplog: pytest.LogCaptureFixture) -> Non
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction((base + 6 * per_16) / total, device)
     try:
-        with caplog.at_level(logging.WARNING, logger="service.worker"):
+        with caplog.at_level(logging.WARNING, logger="service.runner"):
             out = runner.forward(x, capture=True)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     assert "out of memory" in caplog.text
     assert torch.allclose(out.probs, want.probs, atol=1e-4)
     assert out.summary is not None and out.summary.shape == (256, 64, 64)
-
-
-_FAULTS_SCRIPT = """
-import resource, sys, torch
-from models import create_model
-from service.worker import keep_freed_memory
-if sys.argv[1] == "tuned":
-    assert keep_freed_memory()
-torch.manual_seed(0)
-model = create_model("resnet_small", attention="cbam", num_classes=10, in_chans=1).eval()
-x = torch.rand(13, 1, 64, 64)
-with torch.inference_mode():
-    model(x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        model(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_keep_freed_memory_stops_page_faults_on_every_batch() -> None:
-    """20 forwards of a digits-sized model at batch 13: with glibc's defaults the activation
-    buffers are faulted in anew on every pass (about 60,000 faults here); kept, they are
-    reused (under 1,000). A fresh process for each, since the setting is process-wide."""
-
-    def faults(mode: str) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", _FAULTS_SCRIPT, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        return int(done.stdout.strip())
-
-    default, tuned = faults("default"), faults("tuned")
-    assert default > 10_000
-    assert tuned < default / 10
-
-
-_GC_SCRIPT = """
-import gc, sys
-from service.worker import settle_gc
-kept = [[i] for i in range(200_000)]  # objects that live as long as the process
-if sys.argv[1] == "settled":
-    settle_gc(10_000)
-before = [stats["collections"] for stats in gc.get_stats()]
-for _ in range(100_000):  # request-like churn: short-lived reference cycles
-    node = {}
-    node["self"] = node
-gc.collect(1)  # a young collection, as the service triggers between requests
-after = [stats["collections"] for stats in gc.get_stats()]
-print(gc.get_freeze_count(), len(gc.get_objects(2)), *(a - b for a, b in zip(after, before)))
-"""
-
-
-def test_settle_gc_freezes_start_up_objects_and_spaces_out_collections() -> None:
-    """200,000 long-lived containers, then 100,000 short-lived cycles. Settled, the
-    long-lived ones are frozen (no collection walks them again) and the churn starts about
-    ten young-generation collections instead of about 140. A fresh process for each run,
-    since the setting is process-wide."""
-
-    def run(mode: str) -> list[int]:
-        done = subprocess.run(
-            [sys.executable, "-c", _GC_SCRIPT, mode], capture_output=True, text=True, check=True
-        )
-        return [int(word) for word in done.stdout.split()]
-
-    frozen, oldest, *collections = run("default")
-    assert frozen == 0 and oldest >= 200_000
-    assert collections[0] > 100
-    frozen, oldest, *collections = run("settled")
-    assert frozen >= 200_000 and oldest < 1_000
-    assert collections[0] <= 12
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-def test_batch_scheduling_applies_to_the_calling_thread_only() -> None:
-    seen: list[tuple[bool, int]] = []
-
-    def pool_thread() -> None:
-        seen.append((use_batch_scheduling(), os.sched_getscheduler(0)))
-
-    thread = threading.Thread(target=pool_thread)
-    thread.start()
-    thread.join()
-    assert seen == [(True, os.SCHED_BATCH)]
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -1,66 +1,32 @@
-"""The hosted models: which to serve (discovery, at start-up) and bringing them up (loading).
+"""The hosted models and their lifecycle: pending -> loading -> ready (or failed) -> stopped.
 
-Discovery only reads card.json files, so configuration mistakes (an unknown model name, a bad
-"arch:block", a block route to a model not served) stop the service before it listens. Loading
-and warm-up run later, one model at a time, and each model reports its own status.
+Loading and warm-up run after the service starts listening, one model at a time, and each model
+reports its own status; a ready model has a batcher whose handler runs on the device worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import nn
 
-from models import ATTENTION_BLOCKS, DataConfig, create_model, list_models, list_sites, load_package
-from models.package import CARD_FILE, read_card
+from models import DataConfig, list_sites
 from service.batching import Batcher, BatchObserver
+from service.device import DeviceWorker
 from service.errors import NotReady, UnknownModel
-from service.pipeline import ItemOutput, PredictItem, make_batch_handler
+from service.forward import ImageResult, Item, run_batch
+from service.repository import ModelSource
+from service.runner import ModelRunner
 from service.settings import Settings
-from service.worker import DeviceWorker, ModelRunner
 
-__all__ = ["ConfigError", "HostedModel", "ModelRegistry", "ModelSource", "discover"]
+__all__ = ["HostedModel", "ModelRegistry", "warmup_sizes"]
 
 logger = logging.getLogger(__name__)
-
-FALLBACK_ARCH = "resnet_small"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be served; raised before the service starts listening."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a hosted model comes from: a package directory, or random weights for arch:block."""
-
-    name: str
-    arch: str
-    attention: str
-    package: Path | None = None
-    data_config: DataConfig | None = None
-    error: str | None = None
-
-    @property
-    def random_weights(self) -> bool:
-        return self.package is None
-
-    def build(self) -> nn.Module:
-        """Load the package, or create the model with a seed derived from its name (CPU)."""
-        if self.error is not None:
-            raise ValueError(self.error)
-        if self.package is not None:
-            return load_package(self.package)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(self.name.encode()))
-            return create_model(self.arch, self.attention).eval()
 
 
 @dataclass(eq=False)
@@ -71,7 +37,7 @@ class HostedModel:
     status: str = "pending"
     error: str | None = None
     config: DataConfig | None = None
-    batcher: Batcher[PredictItem, ItemOutput] | None = None
+    batcher: Batcher[Item, ImageResult] | None = None
     sites: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -104,91 +70,13 @@ class HostedModel:
             "sites": self.sites,
         }
 
-    async def submit(self, item: PredictItem, timeout: float) -> ItemOutput:
-        """Queue one image on this model's batcher and wait for its output."""
-        return await self.enqueue(item, timeout)
-
-    def enqueue(self, item: PredictItem, timeout: float) -> asyncio.Future[ItemOutput]:
-        """Queue one image on this model's batcher: the future of its output (NotReady at once
-        until the model is loaded and warm; see `Batcher.enqueue`)."""
+    async def submit(self, item: Item, timeout: float) -> ImageResult:
+        """Queue one image on this model's batcher and wait for its result (NotReady at once
+        until the model is loaded and warm)."""
         if self.batcher is None or self.status != "ready":
             reason = f": {self.error}" if self.error else ""
             raise NotReady(f"model {self.name!r} is {self.status}{reason}")
-        return self.batcher.enqueue(item, timeout=timeout)
-
-
-def _scan(repository: Path) -> list[ModelSource]:
-    """Every subdirectory holding a card.json; unreadable cards become failed sources."""
-    if not repository.is_dir():
-        raise ConfigError(f"model repository {str(repository)!r} is not a directory")
-    sources = []
-    for directory in sorted(p for p in repository.iterdir() if (p / CARD_FILE).is_file()):
-        try:
-            card = read_card(directory / CARD_FILE)
-        except (OSError, ValueError) as exc:
-            sources.append(ModelSource(directory.name, "?", "?", directory, error=str(exc)))
-            continue
-        sources.append(
-            ModelSource(card.name, card.arch, card.attention, directory, card.data_config)
-        )
-    return sources
-
-
-def _random_sources(entries: list[str]) -> list[ModelSource]:
-    sources = []
-    for entry in entries:
-        arch, _, block = entry.partition(":")
-        if arch not in list_models():
-            raise ConfigError(
-                f"random model {entry!r}: unknown arch {arch!r}; valid: {list_models()}"
-            )
-        if block not in ATTENTION_BLOCKS:
-            raise ConfigError(
-                f"random model {entry!r}: unknown block {block!r}; valid: {list(ATTENTION_BLOCKS)}"
-            )
-        sources.append(ModelSource(f"{arch}-{block}-random", arch, block))
-    return sources
-
-
-def discover(settings: Settings) -> list[ModelSource]:
-    """The models to serve, sorted by name; ConfigError for anything that cannot be served."""
-    sources = _scan(Path(settings.model_repository))
-    if not sources:
-        logger.warning(
-            "model repository %s holds no model packages: serving randomly initialised %s "
-            "digit models (digits-<block>); their predictions are meaningless",
-            settings.model_repository,
-            FALLBACK_ARCH,
-        )
-        sources = [ModelSource(f"digits-{b}", FALLBACK_ARCH, b) for b in ATTENTION_BLOCKS]
-    if settings.models:
-        available = {s.name for s in sources}
-        unknown = [n for n in settings.models if n not in available]
-        if unknown:
-            raise ConfigError(f"unknown model(s) {unknown}; available: {sorted(available)}")
-        sources = [s for s in sources if s.name in settings.models]
-    sources += _random_sources(settings.random_models)
-    names = [s.name for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"model name(s) {duplicates} are defined more than once")
-    _check_routes(settings.block_routes, sources)
-    return sorted(sources, key=lambda s: s.name)
-
-
-def _check_routes(routes: dict[str, str], sources: list[ModelSource]) -> None:
-    by_name = {s.name: s for s in sources}
-    for block, name in routes.items():
-        source = by_name.get(name)
-        if source is None:
-            raise ConfigError(
-                f"block_routes: {block!r} -> {name!r}, but {name!r} is not served; "
-                f"served: {sorted(by_name)}"
-            )
-        if source.attention != block:
-            raise ConfigError(
-                f"block_routes: {block!r} -> {name!r}, but {name!r} uses block {source.attention!r}"
-            )
+        return await self.batcher.submit(item, timeout=timeout)
 
 
 def warmup_sizes(device: torch.device, max_batch_size: int) -> list[int]:
@@ -274,13 +162,12 @@ class ModelRegistry:
         hosted.config = cast(DataConfig, runner.model.data_config)
         hosted.batcher = Batcher(
             hosted.name,
-            make_batch_handler(runner),
+            functools.partial(worker.run, run_batch, runner),
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             observer=observer,
             max_concurrent_batches=worker.instances,
-            executor=worker,
         )
         hosted.batcher.start()
         hosted.status = "ready"

@@ -1,0 +1,62 @@
+"""What each attention record kind is: the one table that capture, the summary map, the service's
+maps and both protocol adapters read.
+
+A record's tensor is batch first, as the block's tap produced it. `display` turns it into what
+is served and drawn: one array per image with `rank` dimensions, GC's context mask multiplied
+by h*w so that a uniform mask reads 1. Adding a block or a record kind touches its block file
+and this table, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One kind of attention record.
+
+    spatial: an (N, 1, h, w) map over the feature grid; it enters the summary map and is
+    resampled onto the original image. rank: dimensions per image after `display`.
+    scale: "area" multiplies the map by h*w (a softmax over positions: uniform = 1).
+    """
+
+    name: str
+    shape: str
+    rank: int
+    spatial: bool = False
+    scale: Literal["none", "area"] = "none"
+
+
+RECORD_KINDS: dict[str, RecordKind] = {
+    k.name: k
+    for k in (
+        RecordKind("channel", "(N, C)", rank=1),
+        RecordKind("spatial", "(N, 1, h, w)", rank=2, spatial=True),
+        RecordKind("context", "(N, 1, h, w)", rank=2, spatial=True, scale="area"),
+        RecordKind("coord_h", "(N, C, h, 1)", rank=2),
+        RecordKind("coord_w", "(N, C, 1, w)", rank=2),
+        RecordKind("branch", "(N, M, C)", rank=2),
+    )
+}
+"""Tap kinds that become records; any other tap kind (SK's "feature") stays internal."""
+
+SPATIAL_KINDS = tuple(name for name, kind in RECORD_KINDS.items() if kind.spatial)
+
+
+def display(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A record's batch-first tensor as served: (N, h, w) for spatial kinds (area-scaled where
+    the table says), (N, C, h|w) for coordinate gates, otherwise as recorded; float32."""
+    info = RECORD_KINDS[kind]
+    values = tensor.float()
+    if info.spatial:
+        if values.dim() != 4 or values.shape[1] != 1:
+            raise ValueError(f"a {kind} record must be (N, 1, h, w), got {tuple(values.shape)}")
+        values = values[:, 0]
+        if info.scale == "area":
+            values = values * (values.shape[-2] * values.shape[-1])
+        return values
+    return values.reshape(values.shape[0], *values.shape[1:][: info.rank - 1], -1)

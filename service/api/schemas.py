@@ -1,0 +1,183 @@
+"""Pydantic models of the HTTP API's requests, answers and errors: the OpenAPI document's schemas.
+
+The inference routes encode their answers with orjson in the CPU pool; these models describe
+exactly what that encoding writes, so the generated document is a contract a client (or a
+schema-driven fuzzer) can check every answer against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.maps import MapRequest
+
+__all__ = [
+    "CompareResponse",
+    "ErrorBody",
+    "ModelsResponse",
+    "PredictOptions",
+    "PredictResponse",
+    "ReadyResponse",
+    "V2Error",
+    "error_responses",
+]
+
+
+class PredictOptions(BaseModel):
+    """Options of the predict and compare routes (query string, form fields or JSON body)."""
+
+    top_k: int = Field(5, ge=1, le=1000, description="How many classes to return per image.")
+    maps: Literal["none", "summary", "layers", "all"] = Field(
+        "summary",
+        description="none; summary (one map); layers (+ each site's spatial view); "
+        "all (+ raw channel/coordinate/branch tensors).",
+    )
+    map_size: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="Longest side of the returned maps (default: the image's longest side, "
+        "at most 64 and at least 8).",
+    )
+    map_format: Literal["json", "png"] = Field(
+        "json", description="json number arrays, or base64 PNG heatmaps for 2-D maps."
+    )
+
+    def map_request(self) -> MapRequest:
+        return MapRequest(self.maps, self.map_size)
+
+
+class StrictOptions(PredictOptions):
+    """Options from a request body (form fields or JSON keys): unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JsonPredictBody(StrictOptions):
+    """The JSON request form: base64 images plus any option."""
+
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded image files (data: URLs accepted)."
+    )
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class MapEntry(BaseModel):
+    """A map: its shape and its numbers (3 decimals), or for 2-D maps with map_format=png a
+    base64 PNG heatmap and the value range its colour scale spans."""
+
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="Nested lists of numbers, row-major.")
+    png: str | None = None
+    range: list[float] | None = None
+
+
+class LayerEntry(MapEntry):
+    layer: str = Field(description="The attention site (module path).")
+    block: str
+    kind: str = Field(description="Record kind: channel, spatial, context, coord_h, ...")
+    derived: bool = Field(description="A view derived from the block's gates, not a gate.")
+
+
+class Attention(BaseModel):
+    summary: MapEntry | None
+    layers: list[LayerEntry] | None = Field(None, description="maps=layers and maps=all only.")
+
+
+class ImageAnswer(BaseModel):
+    predictions: list[Prediction]
+    image: ImageSize
+    attention: Attention | None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    results: list[ImageAnswer]
+
+
+class CompareAnswer(ImageAnswer):
+    model: str
+
+
+class CompareResponse(BaseModel):
+    models: list[str]
+    results: list[CompareAnswer]
+
+
+class Site(BaseModel):
+    site: str
+    block: str
+    kinds: list[str]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    arch: str
+    attention: str
+    status: str
+    random_weights: bool
+    labels: list[str] | None
+    input_size: list[int] | None
+    sites: list[Site]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class ModelState(BaseModel):
+    status: str
+    error: str | None
+    queue_depth: int
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    models: dict[str, ModelState]
+
+
+class NotReadyResponse(BaseModel):
+    error: str
+    detail: Any
+    models: dict[str, ModelState]
+
+
+class ErrorBody(BaseModel):
+    """Every /v1 and health error: a code and what to fix (422: one entry per problem)."""
+
+    error: str
+    detail: Any
+
+
+class V2Error(BaseModel):
+    """Every /v2 error, as the Open Inference Protocol defines it."""
+
+    error: str
+
+
+_MEANING = {
+    400: "The request is malformed.",
+    404: "No such model (or version).",
+    413: "Too many bytes, pixels or images.",
+    415: "Unsupported content type.",
+    422: "Invalid options.",
+    503: "Not ready, queue full or shutting down (see Retry-After).",
+    504: "The model did not answer within the request timeout.",
+}
+
+
+def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route: each status code it can return, with the error schema."""
+    return {code: {"model": model, "description": _MEANING[code]} for code in codes}
