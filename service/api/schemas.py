@@ -22,6 +22,7 @@ __all__ = [
     "ReadyResponse",
     "V2Error",
     "error_responses",
+    "inline_schema",
 ]
 
 
@@ -178,6 +179,103 @@ _MEANING = {
 }
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its nested definitions written in place, for request bodies
+    given through openapi_extra (where "#/$defs/..." would point nowhere)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return dict(resolve(schema))
+
+
 def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any]]:
     """The `responses` of a route: each status code it can return, with the error schema."""
     return {code: {"model": model, "description": _MEANING[code]} for code in codes}
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+_DATATYPES = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class InferInput(BaseModel):
+    name: str = Field(description='"image" (BYTES, encoded files) or "input" (FP32/UINT8).')
+    datatype: _DATATYPES
+    shape: list[int] = Field(min_length=1)
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, description="Row-major values (or binary_data_size).")
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    """The JSON request of the Open Inference Protocol (a binary body: this header first)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput] = Field(min_length=1, max_length=1)
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]

@@ -22,6 +22,7 @@ from service.api.schemas import (
     PredictResponse,
     StrictOptions,
     error_responses,
+    inline_schema,
 )
 from service.errors import InvalidOptions
 from service.hosting import HostedModel
@@ -39,10 +40,13 @@ _IMAGES_BODY: dict[str, Any] = {
             MULTIPART: {
                 "schema": {
                     "type": "object",
-                    "properties": {"images": {"type": "array", "items": _BINARY["schema"]}},
+                    "required": ["images"],
+                    "properties": {
+                        "images": {"type": "array", "items": _BINARY["schema"], "minItems": 1}
+                    },
                 }
             },
-            JSON: {"schema": JsonPredictBody.model_json_schema()},
+            JSON: {"schema": inline_schema(JsonPredictBody)},
             **{kind: _BINARY for kind in ACCEPTED_CONTENT_TYPES if kind.startswith("image/")},
         },
     },

@@ -15,7 +15,18 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.handlers import ORJSONResponse
 from service.api.requests import MODEL_SCOPE_KEY, until_disconnect
-from service.api.schemas import V2Error, error_responses
+from service.api.schemas import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    V2Error,
+    error_responses,
+    inline_schema,
+)
 from service.api.v2_codec import (
     HEADER_LENGTH,
     InputTensor,
@@ -51,31 +62,36 @@ SERVER_NAME = "attnserve"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "pytorch_attnserve"
 VERSION = "1"
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _INFER_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": inline_schema(InferenceRequest)},
+            "application/octet-stream": _BINARY,
         },
-    }
+    },
+}
+_INFER_RESPONSES = {
+    200: {"model": InferenceResponse, "content": {"application/octet-stream": _BINARY}},
+    **error_responses(V2Error, 413, 415, 504),
 }
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> ORJSONResponse:
     """Name, version and the protocol extensions this server speaks."""
     body = {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
     return ORJSONResponse(body)
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", response_model=ServerLive)
 async def live() -> ORJSONResponse:
     """200 while the process answers."""
     return ORJSONResponse({"live": True})
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready", response_model=ServerReady)
 async def ready(services: ServicesDep) -> ORJSONResponse:
     """200 once every model is loaded and warm (the truth of /health/ready); else 503."""
     is_ready, reason = await services.readiness()
@@ -84,8 +100,12 @@ async def ready(services: ServicesDep) -> ORJSONResponse:
     return ORJSONResponse({"ready": True})
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (version)")
+@router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata (version)",
+    response_model=ModelMetadata,
+)
 async def model_metadata(
     name: str, services: ServicesDep, version: str | None = None
 ) -> ORJSONResponse:
@@ -93,8 +113,12 @@ async def model_metadata(
     return ORJSONResponse(_metadata(_model(services, name, version)))
 
 
-@router.get("/models/{name}/ready", summary="Model ready")
-@router.get("/models/{name}/versions/{version}/ready", summary="Model ready (version)")
+@router.get("/models/{name}/ready", summary="Model ready", response_model=ModelReady)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model ready (version)",
+    response_model=ModelReady,
+)
 async def model_ready(
     name: str, services: ServicesDep, version: str | None = None
 ) -> ORJSONResponse:
@@ -107,13 +131,13 @@ async def model_ready(
     "/models/{name}/infer",
     summary="Inference",
     openapi_extra=_INFER_DOC,
-    responses=error_responses(V2Error, 413, 415, 504),
+    responses=_INFER_RESPONSES,
 )
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference (version)",
     openapi_extra=_INFER_DOC,
-    responses=error_responses(V2Error, 413, 415, 504),
+    responses=_INFER_RESPONSES,
 )
 async def infer(
     name: str, request: Request, services: ServicesDep, version: str | None = None

@@ -6,9 +6,7 @@ Answers computed inside dynamic batches must equal the answers for the same imag
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,24 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from serverproc import free_port, server_env
 
 pytestmark = pytest.mark.slow
 
 CONCURRENT_CLIENTS = 16
 REQUESTS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def server_env(repository: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}
-    env["ATTNSERVE_MODEL_REPOSITORY"] = str(repository)
-    env.update({f"ATTNSERVE_{key.upper()}": value for key, value in settings.items()})
-    return env
 
 
 @pytest.fixture
