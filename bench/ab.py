@@ -3,8 +3,9 @@
 Each round starts the server of A, then of B (the order alternates between rounds), drives each
 with the same closed-loop steps (every model at each concurrency, maps=summary, digit images)
 and stops it. It prints, per step, each side's median throughput and p99 over the rounds, the
-round-to-round spread (the range of A's own rounds, relative to its median) and B/A, and writes
-the rows as JSON. A difference inside the spread is no difference.
+round-to-round spread (the range of A's own rounds, relative to its median), the server's CPU
+per answered request, and B/A, and writes the rows as JSON. A difference inside the spread is
+no difference.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", type=Path, help="checkout A (e.g. the commit before a change)")
     p.add_argument("b", type=Path, help="checkout B")
     p.add_argument("--models", default="digits-cbam,digits-se,digits-coordatt")
+    p.add_argument(
+        "--random", help='serve "arch:block" with random weights instead, e.g. resnet50:se'
+    )
+    p.add_argument("--inputs", default="digits", help="input set (bench.inputs), e.g. photos-jpeg")
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per step")
@@ -42,8 +47,12 @@ async def _step(server: ServerProcess, model: str, concurrency: int, args: Any) 
         HttpRequest.build(
             "POST", server.host, server.port, f"/v1/models/{model}/predict", i.data, i.content_type
         )
-        for i in load_inputs("digits")
+        for i in load_inputs(args.inputs)
     ]
+
+    async def probe() -> dict[str, float]:
+        return {"cpu": server.cpu_seconds()}
+
     result = await closed_loop(
         server.host,
         server.port,
@@ -51,9 +60,12 @@ async def _step(server: ServerProcess, model: str, concurrency: int, args: Any) 
         concurrency=concurrency,
         duration_s=args.duration,
         warmup_s=args.warmup,
+        probe=probe,
     )
     summary = result.summary()
+    cpu = result.probes[-1]["cpu"] - result.probes[0]["cpu"]
     return {
+        "cpu_ms": 1000.0 * cpu / max(1, result.ok),
         "rps": summary["throughput_rps"],
         "p50": summary["latency_ms"]["p50"],
         "p99": summary["latency_ms"]["p99"],
@@ -64,6 +76,8 @@ async def _step(server: ServerProcess, model: str, concurrency: int, args: Any) 
 def _serve(root: Path, models: list[str], args: Any) -> dict[tuple[str, int], dict]:
     """One round of one side: a fresh server from `root`, every step, then stop."""
     settings = {"models": ",".join(models)}
+    if args.random:
+        settings = {"models": "digits-none", "random_models": args.random}
     with ServerProcess(settings, root=root) as server:
         return {
             (model, c): asyncio.run(_step(server, model, c, args))
@@ -81,6 +95,9 @@ def _spread(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
+    if args.random:
+        arch, _, block = args.random.partition(":")
+        models = [f"{arch}-{block}-random"]
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     for round_index in range(args.rounds):
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             a = [r[(model, c)] for r in runs["A"]]
             b = [r[(model, c)] for r in runs["B"]]
             row = {"model": model, "concurrency": c}
-            for key in ("rps", "p99"):
+            for key in ("rps", "p99", "cpu_ms"):
                 row[f"A_{key}"] = [round(x[key], 2) for x in a]
                 row[f"B_{key}"] = [round(x[key], 2) for x in b]
                 med_a = statistics.median(x[key] for x in a)
@@ -106,15 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     print(
         "| model | c | A req/s | B req/s | B/A | spread A | A p99 ms | B p99 ms | B/A "
-        "| spread A | errors |"
+        "| spread A | A CPU ms/req | B CPU ms/req | B/A | errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    med = statistics.median
     for r in rows:
-        med = statistics.median
         print(
             f"| {r['model']} | {r['concurrency']} | {med(r['A_rps']):.1f} | {med(r['B_rps']):.1f} "
             f"| {r['rps_ratio']} | {r['rps_spread_A']} | {med(r['A_p99']):.1f} "
-            f"| {med(r['B_p99']):.1f} | {r['p99_ratio']} | {r['p99_spread_A']} | {r['errors']} |"
+            f"| {med(r['B_p99']):.1f} | {r['p99_ratio']} | {r['p99_spread_A']} "
+            f"| {med(r['A_cpu_ms']):.2f} | {med(r['B_cpu_ms']):.2f} | {r['cpu_ms_ratio']} "
+            f"| {r['errors']} |"
         )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

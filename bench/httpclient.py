@@ -1,8 +1,8 @@
 """A minimal HTTP/1.1 client on raw asyncio streams: prebuilt requests, keep-alive connections.
 
 The load generator shares the machine's cores with the server, so a request costs one `bytes`
-write, one header parse and one body read (about a tenth of httpx's CPU per request, see
-`python -m bench.clientcost`).
+write, one header parse and one body read (`python -m bench.probes.clientcost` compares its CPU
+per request with httpx's).
 """
 
 from __future__ import annotations

@@ -187,9 +187,8 @@ def target_rounds(session: Session, args: argparse.Namespace, base: dict[str, An
     """The steps the targets are judged on, again, in `args.rounds` rounds: every model at
     concurrency 1 and the top one, then maps none and all at the top one for the maps models.
 
-    One step reads 10-20 % off on this kind of shared machine, with slower and faster phases
-    lasting minutes; interleaving puts each round's steps in the same phase, and the targets
-    take the median over rounds (`report.evaluate_targets`)."""
+    A shared machine has slower and faster phases; interleaving puts each round's steps in the
+    same phase, and the targets take the median over rounds (`report.evaluate_targets`)."""
     top = max(args.concurrency)
     for _ in range(args.rounds):
         for model in args.models:

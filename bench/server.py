@@ -6,6 +6,7 @@ settings, waits for /health/ready (bounded), and stops it with SIGTERM (then SIG
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -226,7 +227,7 @@ def batch_stats(
         key=float,
     )
     cumulative = [delta("attnserve_batch_size_bucket", le=le) for le in bounds]
-    counts = [c - p for c, p in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
+    counts = [c - p for p, c in itertools.pairwise([0.0, *cumulative])]
     histogram = {_bucket_name(le): int(c) for le, c in zip(bounds, counts, strict=True) if c}
     return {
         "batches": int(count),

@@ -197,8 +197,7 @@ class Session:
         The pipelines of one (threads, instances) configuration share a device worker, as the
         server's models share one: libgomp stops spin-waiting once a process has more OpenMP
         team threads than CPUs, so a team per model would slow every limit with more than
-        one intra-op thread (measured: a batch-1 limit with two threads at 6.1 ms instead of
-        about 3 ms). Building them all up front keeps every limit in the same state.
+        one intra-op thread. Building them all up front keeps every limit in the same state.
         """
         for model in dict.fromkeys(models):
             for step in steps:

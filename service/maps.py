@@ -169,14 +169,15 @@ def batch_maps(
         summaries = None if summary is None else _place(summary.float(), index, where)
         layers: list[tuple[AttentionRecord, bool, np.ndarray]] = []
         native: list[tuple[AttentionRecord, np.ndarray]] = []
-        for record in records:
-            values = display(record.kind, record.tensor)
-            if level == "all":
-                native.append((record, values.index_select(0, index).numpy()))
-            if level in ("layers", "all") and id(record) in views:
-                layers.append((record, on_image, _place(values, index, where)))
-            elif level == "all" and record.kind not in SPATIAL_KINDS:
-                layers.append((record, False, native[-1][1]))
+        if level in ("layers", "all"):
+            for record in records:
+                values = display(record.kind, record.tensor)
+                if level == "all":
+                    native.append((record, values.index_select(0, index).numpy()))
+                if id(record) in views:
+                    layers.append((record, on_image, _place(values, index, where)))
+                elif level == "all" and record.kind not in SPATIAL_KINDS:
+                    layers.append((record, False, native[-1][1]))
         for g, i in enumerate(members):
             result[i] = ImageMaps(
                 None if summaries is None else summaries[g],

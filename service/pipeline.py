@@ -161,7 +161,10 @@ def tensor_items(batch: np.ndarray, config: DataConfig, maps: MapRequest) -> lis
 
 async def gather_all(awaitables: Iterable[Awaitable[V]]) -> list[V]:
     """Like asyncio.gather, but the first failure cancels the others (no orphaned queue items)."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    pending = list(awaitables)
+    if len(pending) == 1:  # nothing to run beside it
+        return [await pending[0]]
+    tasks = [asyncio.ensure_future(a) for a in pending]
     try:
         return list(await asyncio.gather(*tasks))
     finally:

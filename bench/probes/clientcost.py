@@ -1,5 +1,6 @@
-"""`python -m bench.clientcost`: client CPU per request, bench.loadgen's raw asyncio client
-against httpx.AsyncClient, on the same server and load (why the benchmark has its own client).
+"""`python -m bench.probes.clientcost`: client CPU per request of bench.loadgen's raw asyncio
+client against httpx.AsyncClient, on the same server and load (why the benchmark has its own
+client: it shares the cores with the server).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a server, then time raw, httpx and raw again against it."""
-    parser = argparse.ArgumentParser(prog="python -m bench.clientcost", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.probes.clientcost", description=__doc__)
     parser.add_argument("--model", default="digits-cbam")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0)

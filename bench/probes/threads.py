@@ -1,19 +1,13 @@
-"""`python -m bench.threads`: where the server's CPU goes, thread by thread, under load.
+"""`python -m bench.probes.threads`: where the server's CPU goes, thread by thread, under load.
 
 Starts the real server (one model), drives it with the closed-loop client for a warm-up and a
 measured step, and prints for each server thread what Linux accounted to it during the step
-(`/proc/<pid>/task/<tid>/{stat,schedstat,status}`): cores used, CPU milliseconds per answered
-request, seconds per second spent runnable but waiting for a core (run-queue wait), context
-switches per second (all, and voluntary: blocking on a lock, the GIL or a queue) and minor page
-faults per second. Then the mean batch size and forward time from the server's metrics, and
-the garbage collections of each generation during the step (`python_gc_collections_total`).
+(`/proc/<pid>/task/<tid>/{stat,schedstat,status}`: cores, CPU ms per answered request,
+run-queue wait, context switches, minor page faults), then the mean batch size, forward time
+and garbage collections from the server's metrics. Threads appear under their OS names
+(`python` for the event loop and any thread that does not name itself). Linux only.
 
-Thread names (set by the service, `worker.name_os_thread`): `device-cpu_N` are the device
-instances, `attnserve-cpu_N` the CPU pool (decode, preprocess, response building and encoding),
-and `python` the event loop (HTTP, routing, hand-offs). Linux only. Run it several times, and
-interleave runs of two commits for an A/B comparison: single runs differ by 5-10 % here.
-
-    .venv/bin/python -m bench.threads --model digits-cbam --concurrency 64 --duration 10
+    .venv/bin/python -m bench.probes.threads --model digits-cbam --concurrency 64 --duration 10
 """
 
 from __future__ import annotations
@@ -77,7 +71,9 @@ def _metric_sum(text: str, name: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.threads", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.probes.threads", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", default="digits-cbam")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")

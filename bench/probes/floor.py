@@ -1,22 +1,18 @@
-"""`python -m bench.floor`: the event loop's CPU per request of the bare HTTP stack.
+"""`python -m bench.probes.floor`: the event loop's CPU per request of the bare HTTP stack.
 
-The service's event loop spends CPU on every request (HTTP parsing, routing, hand-offs, the
-response). How much of that is the web server itself? This starts uvicorn, configured as the
-service runs it (uvloop, httptools), with a raw ASGI app that reads the body, waits
-`--delay-ms` (as a request waits for its batch) and answers a fixed JSON body of the size of a
-digits `maps=summary` answer, while `--burners` threads keep the cores busy with GIL-free torch
-matrix products (as the device threads do). It drives it with the benchmark's closed-loop
-client and prints the event loop's CPU per answered request, to set beside the `python` row of
-`python -m bench.threads` under the same concurrency:
+Runs uvicorn as the service does (uvloop, httptools) with a raw ASGI app that waits
+`--delay-ms` and answers a fixed body the size of a digits `maps=summary` answer, while
+`--burners` threads keep cores busy with GIL-free torch matrix products; the event loop's CPU
+per answered request is the web server's share of the service's per-request cost. Linux only.
 
-    .venv/bin/python -m bench.floor --concurrency 64 --duration 8
+    .venv/bin/python -m bench.probes.floor --concurrency 64 --duration 8
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import ctypes
 import subprocess
 import sys
 import threading
@@ -27,12 +23,19 @@ import urllib.request
 from bench.httpclient import HttpRequest
 from bench.inputs import load_inputs
 from bench.loadgen import closed_loop
-from bench.server import free_port
-from bench.threads import sample_threads
+from bench.probes.threads import sample_threads
+from bench.server import REPO_ROOT, free_port
 
 __all__ = ["main"]
 
-BODY_BYTES = 5040  # a digits answer with maps=summary (README "Benchmarks")
+BODY_BYTES = 5040  # the size of a digits answer with maps=summary
+PR_SET_NAME = 15
+
+
+def _name_os_thread() -> None:
+    """Give the calling OS thread its Python thread name (first 15 bytes), as /proc shows it."""
+    name = threading.current_thread().name.encode()[:15]
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name, 0, 0, 0)
 
 
 def _serve(port: int, delay_s: float, burners: int) -> None:
@@ -44,10 +47,8 @@ def _serve(port: int, delay_s: float, burners: int) -> None:
     body = b'{"pad":"' + b"0" * (BODY_BYTES - 10) + b'"}'
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
 
-    from service.worker import name_os_thread
-
     def burn() -> None:
-        name_os_thread()  # "burner-N" in /proc, for the CPU count below
+        _name_os_thread()  # "burner-N" in /proc, for the CPU count below
         a = torch.randn(256, 256)
         while True:
             torch.mm(a, a)
@@ -82,7 +83,9 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.probes.floor", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
@@ -98,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         _serve(args.serve, args.delay_ms / 1000.0, args.burners)
         return
     port = free_port("127.0.0.1")
-    command = [sys.executable, "-m", "bench.floor", "--serve", str(port),
+    command = [sys.executable, "-m", "bench.probes.floor", "--serve", str(port),
                "--delay-ms", str(args.delay_ms), "--burners", str(args.burners)]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.Popen(command, cwd=REPO_ROOT)
     try:
         _wait_ready(port, proc)
         requests = [
