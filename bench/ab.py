@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=1.0)
+    for side in ("a", "b"):
+        p.add_argument(
+            f"--env-{side}",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"extra environment of {side.upper()}'s server (e.g. an ATTNSERVE_ setting)",
+        )
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     return p
 
@@ -73,12 +81,13 @@ async def _step(server: ServerProcess, model: str, concurrency: int, args: Any) 
     }
 
 
-def _serve(root: Path, models: list[str], args: Any) -> dict[tuple[str, int], dict]:
+def _serve(root: Path, env: list[str], models: list[str], args: Any) -> dict[tuple[str, int], dict]:
     """One round of one side: a fresh server from `root`, every step, then stop."""
     settings = {"models": ",".join(models)}
     if args.random:
         settings = {"models": "digits-none", "random_models": args.random}
-    with ServerProcess(settings, root=root) as server:
+    extra = dict(item.partition("=")[::2] for item in env)
+    with ServerProcess(settings, root=root, extra_env=extra) as server:
         return {
             (model, c): asyncio.run(_step(server, model, c, args))
             for model in models
@@ -103,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         order = ("A", "B") if round_index % 2 == 0 else ("B", "A")
         for side in order:
-            root = args.a if side == "A" else args.b
-            runs[side].append(_serve(root.resolve(), models, args))
+            root, env = (args.a, args.env_a) if side == "A" else (args.b, args.env_b)
+            runs[side].append(_serve(root.resolve(), env, models, args))
             print(f"round {round_index + 1}/{args.rounds}: {side} done", flush=True)
     rows = []
     for model in models:

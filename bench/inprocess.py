@@ -39,6 +39,7 @@ from service.pipeline import prepare_items
 from service.repository import discover
 from service.runner import BatchOutput, ModelRunner
 from service.settings import Settings
+from service.tuning import keep_freed_memory
 
 __all__ = ["InProcessPipeline", "LoadedModel", "load_model"]
 
@@ -104,6 +105,8 @@ class InProcessPipeline:
         worker: DeviceWorker | None = None,
     ) -> None:
         self.max_pixels = max_image_pixels
+        if resolve_device(device).type == "cpu" and Settings(models=[]).malloc_keep_freed:
+            keep_freed_memory()  # as the server does
         self._own_worker = worker is None
         if worker is None:
             worker = DeviceWorker(resolve_device(device), threads=threads, instances=instances)

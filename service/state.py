@@ -21,6 +21,7 @@ from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.repository import ModelSource
 from service.settings import Settings
+from service.tuning import keep_freed_memory
 
 __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
@@ -47,6 +48,8 @@ class Services:
 
     async def start(self) -> None:
         """Start the device worker and the CPU pool, then load the models in the background."""
+        if self.device.type == "cpu" and self.settings.malloc_keep_freed:
+            keep_freed_memory()
         instances = self.settings.instances or default_instances(self.device)
         self.worker = DeviceWorker(self.device, instances=instances)
         self.pool = ThreadPoolExecutor(
