@@ -11,6 +11,7 @@ masks times h*w, the summary min-max normalised); rounding and encoding are the 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import SPATIAL_KINDS, AttentionRecord, display, spatial_views
+from models import RECORD_KINDS, AttentionRecord, spatial_views
+from models.attention.kinds import display_values
 from service.imaging import Geometry
 
 __all__ = [
@@ -141,60 +143,96 @@ def to_original(grid_map: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) 
     return _resample(grid_map.float()[None], grid, mask[None])[0]
 
 
+def _group_maps(
+    summary: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    spatial: list[bool],
+    area: list[bool],
+    rank: list[int],
+    place: list[bool],
+    native: bool,
+    members: list[int],
+    grids: list[torch.Tensor],
+    masks: list[torch.Tensor],
+) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+    """One group's maps: the summary and the records marked `place` resampled onto the
+    images (when there are `grids`), and with `native` every record as `display` gives it.
+
+    Run as TorchScript (`_group_maps_graph`): one call without the GIL for the whole group,
+    as the traced forward (op by op from Python, the device thread would give the GIL back
+    and wait for it again on every op, behind the event loop)."""
+    index = torch.tensor(members, dtype=torch.long)
+    resample = len(grids) > 0
+    g = torch.cat(grids) if resample else torch.empty(0)
+    m = torch.stack(masks) if resample else torch.empty(0)
+    placed_summary: torch.Tensor | None = None
+    if summary is not None:
+        values = summary.index_select(0, index).float()
+        placed_summary = _resample(values, g, m) if resample else values
+    placed: list[torch.Tensor] = []
+    natives: list[torch.Tensor] = []
+    for i in range(len(tensors)):
+        if place[i] or native:
+            values = display_values(tensors[i].index_select(0, index), spatial[i], area[i], rank[i])
+            if native:
+                natives.append(values)
+            if place[i]:
+                placed.append(_resample(values, g, m) if resample else values)
+    return placed_summary, placed, natives
+
+
+with warnings.catch_warnings():  # torch.jit.script's deprecation notice: it is what runs the
+    warnings.simplefilter("ignore", DeprecationWarning)  # whole group without the GIL here
+    _group_maps_graph = torch.jit.script(_group_maps)
+
+
 def batch_maps(
     records: list[AttentionRecord], summary: torch.Tensor | None, plans: list[MapPlan | None]
 ) -> list[ImageMaps | None]:
     """Every image's maps for a whole batch (records and summary batch first, on the CPU);
-    None where an image has no plan. Images with the same level and map shape are resampled
-    together."""
+    None where an image has no plan. Images with the same level and map shape are done
+    together, in one `_group_maps` call."""
     groups: dict[tuple[str, tuple[int, ...] | None], list[int]] = {}
     for i, plan in enumerate(plans):
         if plan is not None:
             shape = None if plan.mask is None else tuple(plan.mask.shape)
             groups.setdefault((plan.level, shape), []).append(i)
     result: list[ImageMaps | None] = [None] * len(plans)
-    grid_summary = None if summary is None else summary.float().numpy()
+    grid_summary = None if summary is None else summary.numpy()
     views = {id(r) for r in spatial_views(records)}
+    kinds = [RECORD_KINDS[r.kind] for r in records]
     for (level, shape), members in groups.items():
-        index = torch.tensor(members)
         on_image = shape is not None
-        where = (
-            (
-                torch.cat([plans[i].grid for i in members]),
-                torch.stack([plans[i].mask for i in members]),
-            )  # type: ignore[misc]
-            if on_image
-            else None
+        place = [level in ("layers", "all") and id(r) in views for r in records]
+        summaries, placed, natives = _group_maps_graph(
+            summary,
+            [r.tensor for r in records],
+            [k.spatial for k in kinds],
+            [k.scale == "area" for k in kinds],
+            [k.rank for k in kinds],
+            place,
+            level == "all",
+            members,
+            [plans[i].grid for i in members] if on_image else [],  # type: ignore[union-attr]
+            [plans[i].mask for i in members] if on_image else [],  # type: ignore[union-attr]
         )
-        summaries = None if summary is None else _place(summary.float(), index, where)
+        placed_arrays = iter([t.numpy() for t in placed])
+        native = [(r, t.numpy()) for r, t in zip(records, natives, strict=False)]  # [] below "all"
         layers: list[tuple[AttentionRecord, bool, np.ndarray]] = []
-        native: list[tuple[AttentionRecord, np.ndarray]] = []
-        if level in ("layers", "all"):
-            for record in records:
-                values = display(record.kind, record.tensor)
-                if level == "all":
-                    native.append((record, values.index_select(0, index).numpy()))
-                if id(record) in views:
-                    layers.append((record, on_image, _place(values, index, where)))
-                elif level == "all" and record.kind not in SPATIAL_KINDS:
-                    layers.append((record, False, native[-1][1]))
+        for j, record in enumerate(records):
+            if place[j]:
+                layers.append((record, on_image, next(placed_arrays)))
+            elif level == "all" and not kinds[j].spatial:
+                layers.append((record, False, native[j][1]))
+        summary_arrays = None if summaries is None else summaries.numpy()
         for g, i in enumerate(members):
             result[i] = ImageMaps(
-                None if summaries is None else summaries[g],
+                None if summary_arrays is None else summary_arrays[g],
                 None if grid_summary is None else grid_summary[i],
-                [_layer(r, placed, values[g]) for r, placed, values in layers],
+                [_layer(r, on, values[g]) for r, on, values in layers],
                 [_layer(r, False, values[g]) for r, values in native],
             )
     return result
-
-
-def _place(
-    values: torch.Tensor, index: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor] | None
-) -> np.ndarray:
-    """(N, h, w) maps of a batch -> a group's maps (its `index`), resampled onto its images
-    with `where` = (grids, masks), or as they are without."""
-    group = values.index_select(0, index)
-    return (group if where is None else _resample(group, *where)).numpy()
 
 
 def _layer(record: AttentionRecord, on_image: bool, values: np.ndarray) -> LayerMap:

@@ -51,12 +51,18 @@ def display(kind: str, tensor: torch.Tensor) -> torch.Tensor:
     """A record's batch-first tensor as served: (N, h, w) for spatial kinds (area-scaled where
     the table says), (N, C, h|w) for coordinate gates, otherwise as recorded; float32."""
     info = RECORD_KINDS[kind]
+    return display_values(tensor, info.spatial, info.scale == "area", info.rank)
+
+
+def display_values(tensor: torch.Tensor, spatial: bool, area: bool, rank: int) -> torch.Tensor:
+    """`display` with the kind's table entry spelled out, so TorchScript can compile it."""
     values = tensor.float()
-    if info.spatial:
-        if values.dim() != 4 or values.shape[1] != 1:
-            raise ValueError(f"a {kind} record must be (N, 1, h, w), got {tuple(values.shape)}")
+    if spatial:
+        if values.dim() != 4 or values.size(1) != 1:
+            raise ValueError("a spatial record must be (N, 1, h, w)")
         values = values[:, 0]
-        if info.scale == "area":
-            values = values * (values.shape[-2] * values.shape[-1])
+        if area:
+            values = values * (values.size(-2) * values.size(-1))
         return values
-    return values.reshape(values.shape[0], *values.shape[1:][: info.rank - 1], -1)
+    shape = [values.size(0)] + [values.size(d) for d in range(1, rank)] + [-1]
+    return values.reshape(shape)
