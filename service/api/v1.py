@@ -55,11 +55,21 @@ _ERRORS = error_responses(ErrorBody, 400, 404, 413, 415, 422, 503, 504)
 Options = Annotated[PredictOptions, Query()]
 
 
-def _merge(query: PredictOptions, body: dict[str, Any]) -> PredictOptions:
-    """Query options overridden by those in the body (form fields or JSON keys); 422 if invalid."""
-    if not body:
-        return query
-    return StrictOptions.model_validate({**query.model_dump(exclude_unset=True), **body})
+async def _read(
+    request: Request, services: Services, query: PredictOptions
+) -> tuple[list[bytes], PredictOptions]:
+    """The request's images, and the query options overridden by those in the body (form
+    fields or JSON keys; 422 if invalid)."""
+    settings = services.settings
+    payload = await read_payload(
+        request,
+        max_body_bytes=settings.max_body_bytes,
+        max_images=settings.max_images_per_request,
+    )
+    if not payload.options:
+        return payload.images, query
+    merged = {**query.model_dump(exclude_unset=True), **payload.options}
+    return payload.images, StrictOptions.model_validate(merged)
 
 
 @router.get("/models", summary="List the served models", response_model=ModelsResponse)
@@ -102,15 +112,10 @@ async def _predict(
 ) -> Response:
     request.scope[MODEL_SCOPE_KEY] = hosted.name
     services.ready_model(hosted)
-    pipeline, settings = services.pipeline, services.settings
+    pipeline = services.pipeline
     with pipeline.tracked():
-        payload = await read_payload(
-            request,
-            max_body_bytes=settings.max_body_bytes,
-            max_images=settings.max_images_per_request,
-        )
-        options = _merge(query, payload.options)
-        work = pipeline.predict(hosted, payload.images, options.map_request())
+        images, options = await _read(request, services, query)
+        work = pipeline.predict(hosted, images, options.map_request())
         results = await until_disconnect(request.receive, work)
         labels = hosted.data_config.labels
         body = await pipeline.offload(encode_predict, hosted.name, results, labels, options)
@@ -134,17 +139,12 @@ async def compare(
     registry = services.registry
     names = [n.strip() for n in models.split(",") if n.strip()] if models else list(registry.models)
     hosted = [services.ready_model(registry.get(name)) for name in names]
-    pipeline, settings = services.pipeline, services.settings
+    pipeline = services.pipeline
     with pipeline.tracked():
-        payload = await read_payload(
-            request,
-            max_body_bytes=settings.max_body_bytes,
-            max_images=settings.max_images_per_request,
-        )
-        if len(payload.images) != 1:
-            raise InvalidOptions(f"compare takes exactly one image, got {len(payload.images)}")
-        merged = _merge(options, payload.options)
-        work = pipeline.compare(hosted, payload.images[0], merged.map_request())
+        images, merged = await _read(request, services, options)
+        if len(images) != 1:
+            raise InvalidOptions(f"compare takes exactly one image, got {len(images)}")
+        work = pipeline.compare(hosted, images[0], merged.map_request())
         results = await until_disconnect(request.receive, work)
         labels = [m.data_config.labels for m in hosted]
         body = await pipeline.offload(encode_compare, names, results, labels, merged)
