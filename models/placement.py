@@ -2,7 +2,9 @@
 
 Add-on blocks are built by `create_attention` for the residual branch's output channels; "sk"
 yields a factory for the SKConv that replaces the 3x3 conv. `gc_stages` and `eca_kernels` pick
-the stages with a GC block and the ECA kernel size per stage (see `models.resnet`).
+the stages with a GC block and the ECA kernel size per stage (see `models.resnet`). A front block
+("stn", alone or as in "stn+cbam") is built by `front_block` for the input of stage `stn_stage`
+(0: the input image, as in the paper's cluttered-digit models).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from models.attention import ATTENTION_BLOCKS, create_attention
+from models.attention import ATTENTION_BLOCKS, create_attention, split_attention
 from models.attention.sk import SKConv
 
 AttnFactory = Callable[[int], nn.Module | None]
@@ -84,3 +86,26 @@ def _eca_kernels(
     if not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in value):
         raise ValueError(f"eca_kernels must be odd positive ints, got {value!r}")
     return list(value)
+
+
+def front_block(
+    attention: str,
+    stage_channels: Sequence[int],
+    stn_stage: int,
+    stn_kwargs: dict[str, Any] | None,
+) -> nn.Module | None:
+    """The spatial transformer in front of stage `stn_stage` (0 = on the input image, i >= 1 =
+    on the input of stage i), or None when `attention` has no front block.
+
+    `stage_channels`: channels at each place (input, then the input of every stage)."""
+    front, _ = split_attention(attention)
+    if front is None:
+        if stn_kwargs is not None or stn_stage != 0:
+            raise ValueError(
+                f"stn_stage and stn_kwargs apply only to 'stn' blocks, not {attention!r}"
+            )
+        return None
+    valid = range(len(stage_channels))
+    if isinstance(stn_stage, bool) or not isinstance(stn_stage, int) or stn_stage not in valid:
+        raise ValueError(f"stn_stage must be one of {list(valid)}, got {stn_stage!r}")
+    return create_attention(front, stage_channels[stn_stage], **(stn_kwargs or {}))

@@ -13,7 +13,14 @@ from models.data_config import DataConfig, imagenet_data_config
 from models.resnet import ResNet
 from models.small import resnet_small, small_data_config
 
-_RESNET_OPTIONS = ("attn_kwargs", "drop_rate", "eca_kernels", "gc_stages")
+_RESNET_OPTIONS = (
+    "attn_kwargs",
+    "drop_rate",
+    "eca_kernels",
+    "gc_stages",
+    "stn_kwargs",
+    "stn_stage",
+)
 
 
 class ArchSpec(NamedTuple):

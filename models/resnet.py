@@ -14,6 +14,9 @@ Attention placement follows each block's official code:
 - "sk" replaces the 3x3 conv (bottleneck conv2; basic block conv1, the strided one) by SKConv,
   which applies BN+ReLU per branch itself, so the replaced conv's BN and ReLU are dropped;
   ResNeXt-50 (32x4d) + "sk" is SKNet-50.
+- "stn" (alone or combined, "stn+cbam") puts a spatial transformer in front: on the input image
+  (`stn_stage` 0, default) or on the input of stage `stn_stage`; `stn_kwargs` are its options
+  (transform, output_size). The residual-block part of a combination is placed as above.
 - ECA kernels per stage: the released checkpoints' (e.g. k3557 for ResNet-50) where the
   architecture defines them, else the paper's formula per channel count ("adaptive").
 """
@@ -26,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.attention import split_attention
 from models.data_config import DataConfig
-from models.placement import AttnFactory, ConvFactory, stage_factories
+from models.placement import AttnFactory, ConvFactory, front_block, stage_factories
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -165,13 +169,20 @@ class ResNet(nn.Module):
         gc_stages: Sequence[int] | None = None,
         eca_kernels: str | Sequence[int] | None = None,
         released_eca_kernels: Sequence[int] | None = None,
+        stn_stage: int = 0,
+        stn_kwargs: dict[str, Any] | None = None,
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         strides = _check_layout(block, layers, widths, strides, drop_rate)
+        residual = split_attention(attention)[1]
         factories = stage_factories(
-            attention, len(layers), attn_kwargs or {}, gc_stages, eca_kernels, released_eca_kernels
+            residual, len(layers), attn_kwargs or {}, gc_stages, eca_kernels, released_eca_kernels
         )
+        expansion = BLOCK_TYPES[block].expansion
+        channels = [in_chans, stem_width, *(w * expansion for w in widths[:-1])]
+        self.stn = front_block(attention, channels, stn_stage, stn_kwargs)
+        self.stn_stage = stn_stage
         self.num_classes, self.in_chans, self.attention = num_classes, in_chans, attention
         self.groups, self.base_width = groups, width_per_group
         self.conv1 = nn.Conv2d(
@@ -224,9 +235,13 @@ class ResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and all stages: the final feature map (N, num_features, h, w)."""
+        """Front transformer, stem and all stages: the final feature map (N, num_features, h, w)."""
+        if self.stn is not None and self.stn_stage == 0:
+            x = self.stn(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         for i in range(self.num_stages):
+            if self.stn is not None and self.stn_stage == i + 1:
+                x = self.stn(x)
             x = getattr(self, f"layer{i + 1}")(x)
         return x
 

@@ -1,7 +1,8 @@
 """Attention blocks (one paper per file), the attention capture, the table of record kinds and
 the summary map.
 
-Add-on blocks take ``(channels, **options)`` and keep the input shape; SK replaces a 3x3 conv.
+Add-on blocks take ``(channels, **options)`` and keep the input shape; SK replaces a 3x3 conv;
+the spatial transformer (STN) sits in front of the classifier or of a later stage.
 Every block has a ``block_name`` class attribute and a ``reset_parameters()`` method that applies
 the official initialisation (call it again after any model-wide re-initialisation).
 """
@@ -27,9 +28,32 @@ from .gc import GC
 from .kinds import RECORD_KINDS, SPATIAL_KINDS, RecordKind, display
 from .se import SE
 from .sk import SKConv
+from .stn import SpatialTransformer
 from .summary import spatial_views, summary_map
 
-ATTENTION_BLOCKS = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk")
+RESIDUAL_BLOCKS = ("se", "eca", "cbam", "gc", "coordatt", "sk")
+"""Blocks that sit in every residual block (add-ons, or SK in place of the 3x3 conv)."""
+FRONT_BLOCKS = ("stn",)
+"""Blocks in front of the classifier (or of a later stage): the spatial transformer."""
+ATTENTION_BLOCKS = (
+    "none",
+    *RESIDUAL_BLOCKS,
+    *FRONT_BLOCKS,
+    *(f"{front}+{block}" for front in FRONT_BLOCKS for block in RESIDUAL_BLOCKS),
+)
+"""Every block name the models take: each block alone, and a front transformer combined with
+each residual-block attention ("stn+cbam": a transformer in front, CBAM in every block)."""
+
+
+def split_attention(name: str) -> tuple[str | None, str]:
+    """("stn", "cbam") for "stn+cbam", ("stn", "none") for "stn", (None, "se") for "se"."""
+    if name not in ATTENTION_BLOCKS:
+        raise ValueError(f"unknown attention block {name!r}; valid: {list(ATTENTION_BLOCKS)}")
+    if name in FRONT_BLOCKS:
+        return name, "none"
+    front, _, block = name.rpartition("+")
+    return front or None, block
+
 
 _ADD_ON_BLOCKS: dict[str, type[nn.Module]] = {
     "se": SE,
@@ -41,9 +65,12 @@ _ADD_ON_BLOCKS: dict[str, type[nn.Module]] = {
 
 
 def create_attention(name: str, channels: int, **kwargs: object) -> nn.Module | None:
-    """Build the add-on block ``name`` for ``channels`` channels; ``None`` for ``"none"``."""
+    """Build the add-on block ``name`` (or the spatial transformer "stn") for ``channels``
+    channels; ``None`` for ``"none"``."""
     if name == "none":
         return None
+    if name == "stn":
+        return SpatialTransformer(channels, **kwargs)  # type: ignore[arg-type]
     if name == "sk":
         raise ValueError(
             "'sk' is not an add-on block: it replaces the 3x3 convolution of a bottleneck. "
@@ -59,8 +86,10 @@ __all__ = [
     "CBAM",
     "DERIVED_VIEWS",
     "ECA",
+    "FRONT_BLOCKS",
     "GC",
     "RECORD_KINDS",
+    "RESIDUAL_BLOCKS",
     "SE",
     "SPATIAL_KINDS",
     "AttentionCapture",
@@ -69,6 +98,7 @@ __all__ = [
     "RecordKind",
     "SKConv",
     "SiteInfo",
+    "SpatialTransformer",
     "Tap",
     "capture_attention",
     "create_attention",
@@ -77,5 +107,6 @@ __all__ = [
     "iter_blocks",
     "list_sites",
     "spatial_views",
+    "split_attention",
     "summary_map",
 ]

@@ -1,9 +1,12 @@
 """Attention capture: forward hooks that exist only inside a ``with capture_attention(...)`` block.
 
 Every block routes its gating nonlinearity through a named :class:`Tap` submodule that carries a
-``kind``. ``capture_attention`` hooks those taps and the block itself on entry and removes every
-hook on exit (also on an exception), so an uncaptured model runs no extra code and a captured one
-computes bit-identical outputs: the hooks only read tensors, never replace them.
+``kind``. A block whose records are functions of its taps (the spatial transformer's region and
+sampling density, from theta) lists them in ``computed_kinds`` and computes them in
+``computed_records(input, taps)``, which runs only while captured. ``capture_attention`` hooks
+those taps and the block itself on entry and removes every hook on exit (also on an exception),
+so an uncaptured model runs no extra code and a captured one computes bit-identical outputs:
+the hooks only read tensors, never replace them.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def list_sites(model: nn.Module, derived: bool = False) -> list[SiteInfo]:
     sites = []
     for name, block in iter_blocks(model):
         kinds = [t.kind for t in _taps(block) if t.kind in RECORD_KINDS]
+        kinds += getattr(block, "computed_kinds", ())
         if derived and block.block_name in DERIVED_VIEWS:
             kinds.append("spatial")
         sites.append(SiteInfo(name, block.block_name, tuple(dict.fromkeys(kinds))))
@@ -155,6 +159,12 @@ def _hook_block(
                         AttentionRecord(site, name, kind, _to_record_tensor(kind, t))
                         for t in tensors
                     )
+            computed = getattr(module, "computed_records", None)
+            if computed is not None:
+                records.extend(
+                    AttentionRecord(site, name, kind, tensor.float())
+                    for kind, tensor in computed(args[0], taps).items()
+                )
             if derived and name in DERIVED_VIEWS:
                 view = DERIVED_VIEWS[name](args[0], taps)
                 records.append(AttentionRecord(site, name, "spatial", view.float(), derived=True))

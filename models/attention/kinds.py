@@ -22,6 +22,8 @@ class RecordKind:
     spatial: an (N, 1, h, w) map over the feature grid; it enters the summary map and is
     resampled onto the original image. rank: dimensions per image after `display`.
     scale: "area" multiplies the map by h*w (a softmax over positions: uniform = 1).
+    points: (x, y) pixel coordinates on the model input; the service also gives them on the
+    original image. image: an image (the spatial transformer's output), drawn as one.
     """
 
     name: str
@@ -29,6 +31,8 @@ class RecordKind:
     rank: int
     spatial: bool = False
     scale: Literal["none", "area"] = "none"
+    points: bool = False
+    image: bool = False
 
 
 RECORD_KINDS: dict[str, RecordKind] = {
@@ -40,9 +44,16 @@ RECORD_KINDS: dict[str, RecordKind] = {
         RecordKind("coord_h", "(N, C, h, 1)", rank=2),
         RecordKind("coord_w", "(N, C, 1, w)", rank=2),
         RecordKind("branch", "(N, M, C)", rank=2),
+        RecordKind("theta", "(N, 2, 3)", rank=2),
+        RecordKind("region", "(N, 4, 2)", rank=2, points=True),
+        RecordKind("crop", "(N, C, h, w)", rank=3, image=True),
     )
 }
-"""Tap kinds that become records; any other tap kind (SK's "feature") stays internal."""
+"""Tap kinds that become records; any other tap kind (SK's "feature") stays internal. A spatial
+transformer's "spatial" record is its sampling density on its input grid (genuine)."""
+
+RESAMPLING_BLOCKS = frozenset({"stn"})
+"""Blocks whose output is a resampled image: the sites after them see its grid, not the input's."""
 
 SPATIAL_KINDS = tuple(name for name, kind in RECORD_KINDS.items() if kind.spatial)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import AttentionRecord
-from .kinds import SPATIAL_KINDS, display
+from .kinds import RESAMPLING_BLOCKS, SPATIAL_KINDS, display
 
 
 def spatial_views(records: Iterable[AttentionRecord]) -> list[AttentionRecord]:
@@ -16,10 +16,17 @@ def spatial_views(records: Iterable[AttentionRecord]) -> list[AttentionRecord]:
     appearance.
 
     A genuine map wins over a derived one at the same site; otherwise the first record is kept
-    (a block called twice in one forward contributes its first call).
+    (a block called twice in one forward contributes its first call). Sites recorded after a
+    spatial transformer (`RESAMPLING_BLOCKS`) see its output, a resampled image whose grid is not
+    the input's, so their maps are no view of the input and are left out (they stay records).
     """
     chosen: dict[str, AttentionRecord] = {}
+    resampler: str | None = None
     for record in records:
+        if resampler is not None and record.site != resampler:
+            continue
+        if record.block in RESAMPLING_BLOCKS:
+            resampler = record.site
         if record.kind not in SPATIAL_KINDS:
             continue
         current = chosen.get(record.site)

@@ -23,6 +23,7 @@ from models.data_config import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnet_small")
 BLOCKS = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk")
+COMBINED = tuple(f"stn+{b}" for b in BLOCKS[1:])
 # (kind, derived) recorded per site with derived=True, as in the contract's table.
 EXPECTED_KINDS = {
     "se": {("channel", False), ("spatial", True)},
@@ -36,7 +37,7 @@ EXPECTED_KINDS = {
 
 def test_list_models_and_blocks() -> None:
     assert list_models() == sorted(ARCHS)
-    assert tuple(ATTENTION_BLOCKS) == BLOCKS
+    assert tuple(ATTENTION_BLOCKS) == (*BLOCKS, "stn", *COMBINED)
 
 
 @pytest.mark.parametrize(
