@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import InvalidOptions, ServiceError
 
-__all__ = ["ORJSONResponse", "error_response", "install_handlers"]
+__all__ = ["ORJSONResponse", "error_response", "install_handlers", "respond"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,11 @@ def _is_v2(request: Request) -> bool:
     return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
-def _respond(
+def respond(
     request: Request, status: int, error: str, detail: Any, headers: dict[str, str] | None = None
 ) -> ORJSONResponse:
-    """The v1 error body, or on /v2 paths `{"error": <message>}` (503s there get Retry-After)."""
+    """The v1 error body, or on /v2 paths `{"error": <message>}` (503s there get Retry-After);
+    also used by the middlewares and the connection layer, so every error has one shape."""
     if not _is_v2(request):
         return error_response(status, error, detail, headers)
     if isinstance(detail, list):
@@ -85,25 +86,25 @@ async def _service_error(request: Request, exc: Exception) -> ORJSONResponse:
         return await _unexpected(request, exc)
     if exc.status_code >= 500:  # overload and deadlines: worth seeing, not worth a traceback
         logger.info("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
-    return _respond(request, exc.status_code, exc.error, exc.detail, exc.headers)
+    return respond(request, exc.status_code, exc.error, exc.detail, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> ORJSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
     detail = validation_detail(errors)
-    return _respond(request, InvalidOptions.status_code, InvalidOptions.error, detail)
+    return respond(request, InvalidOptions.status_code, InvalidOptions.error, detail)
 
 
 async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         return await _unexpected(request, exc)
     error = _HTTP_ERRORS.get(exc.status_code, "http_error")
-    return _respond(request, exc.status_code, error, exc.detail, dict(exc.headers or {}))
+    return respond(request, exc.status_code, error, exc.detail, dict(exc.headers or {}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
-    return _respond(request, 500, "internal_error", "internal server error; see the server log")
+    return respond(request, 500, "internal_error", "internal server error; see the server log")
 
 
 def install_handlers(app: FastAPI) -> None:
