@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from models.attention import ATTENTION_BLOCKS
 from models.data_config import DataConfig, imagenet_data_config
+from models.mobilenet import MobileNetV2
 from models.resnet import ResNet
 from models.small import resnet_small, small_data_config
 
@@ -27,7 +28,7 @@ class ArchSpec(NamedTuple):
     """How to build one architecture: builder, its fixed data, the user options it accepts,
     default class count / input channels and the default data config."""
 
-    builder: Callable[..., ResNet]
+    builder: Callable[..., ResNet | MobileNetV2]
     params: dict[str, Any]
     options: tuple[str, ...]
     num_classes: int
@@ -43,12 +44,34 @@ def _imagenet(
     return ArchSpec(ResNet, params, _RESNET_OPTIONS, 1000, 3, imagenet_data_config)
 
 
+def _caffe(block: str, layers: tuple[int, ...], **params: Any) -> ArchSpec:
+    """An ImageNet ResNet in the SENet Caffe layout (see `models.resnet`)."""
+    return _imagenet(block, layers, stem_pool="max_ceil", block_layout="caffe", **params)
+
+
 _ARCHS: dict[str, ArchSpec] = {
     "resnet18": _imagenet("basic", (2, 2, 2, 2), eca=(3, 5, 7, 7)),
     "resnet34": _imagenet("basic", (3, 4, 6, 3), eca=(3, 3, 5, 7)),
     "resnet50": _imagenet("bottleneck", (3, 4, 6, 3), eca=(3, 5, 5, 7)),
     "resnet101": _imagenet("bottleneck", (3, 4, 23, 3), eca=(3, 3, 5, 7)),
     "resnext50_32x4d": _imagenet("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnet152": _imagenet("bottleneck", (3, 8, 36, 3)),
+    # ResNet-D / ResNet-T (timm resnet50d ... ; with "eca": ecaresnet50d, ...; adaptive ECA).
+    "resnet26t": _imagenet("bottleneck", (2, 2, 2, 2), stem_type="deep_tiered", avg_down=True),
+    "resnet50d": _imagenet("bottleneck", (3, 4, 6, 3), stem_type="deep", avg_down=True),
+    "resnet50t": _imagenet("bottleneck", (3, 4, 6, 3), stem_type="deep_tiered", avg_down=True),
+    "resnet101d": _imagenet("bottleneck", (3, 4, 23, 3), stem_type="deep", avg_down=True),
+    # The SENet Caffe layout (with "se": timm legacy_seresnet18 ..., the official SENets).
+    "legacy_resnet18": _caffe("basic", (2, 2, 2, 2)),
+    "legacy_resnet34": _caffe("basic", (3, 4, 6, 3)),
+    "legacy_resnet50": _caffe("bottleneck", (3, 4, 6, 3)),
+    "legacy_resnet101": _caffe("bottleneck", (3, 4, 23, 3)),
+    "legacy_resnet152": _caffe("bottleneck", (3, 8, 36, 3)),
+    "legacy_resnext50_32x4d": _caffe("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
+    # With "coordatt": the official MobileNetV2 + Coordinate Attention (mbv2_ca).
+    "mobilenetv2": ArchSpec(
+        MobileNetV2, {}, ("attn_kwargs", "drop_rate", "stn_kwargs"), 1000, 3, imagenet_data_config
+    ),
     "resnet_small": ArchSpec(
         resnet_small, {}, (*_RESNET_OPTIONS, "depths", "widths"), 10, 1, small_data_config
     ),
@@ -77,7 +100,7 @@ def create_model(
     data_config: DataConfig | Mapping[str, Any] | None = None,
     labels: list[str] | tuple[str, ...] | None = None,
     **kwargs: Any,
-) -> ResNet:
+) -> ResNet | MobileNetV2:
     """Build `arch` with the `attention` block (randomly initialised).
 
     `num_classes` / `in_chans` default to the architecture's (1000 / 3 for the ImageNet archs,

@@ -5,6 +5,18 @@ Residual Transformations (ResNeXt, Xie et al., arXiv 1611.05431). Stride sits in
 stem is a 7x7/2 conv + max pool (configurable, see `models.small`); pooling is adaptive, so any
 input size (also non-square) works.
 
+Layout options, each matching the key names and shapes of the code that defines it:
+- `stem_type="deep"` / `"deep_tiered"`: the ResNet-D / ResNet-T stems of Bag of Tricks
+  (He et al., arXiv 1812.01187) as timm builds them: three 3x3 convs (widths w/2, w/2, w or
+  3w/8, w/2, w for stem width w), `conv1.0/.3/.6` with BNs at `conv1.1/.4` and `bn1`.
+- `avg_down=True`: the shortcut of a strided block is a 2x2 average pool (ceil mode, padding not
+  counted) before the 1x1 conv (`downsample.1`, BN `downsample.2`), as timm's `downsample_avg`.
+- `stem_pool="max_ceil"` and `block_layout="caffe"`: the SENet Caffe layout (hujie-frank/SENet,
+  ported as timm `legacy_se*` and Cadene's pretrainedmodels): a 3x3/2 max pool without padding in
+  ceil mode; the stride on the bottleneck's first 1x1 conv (ResNeXt bottlenecks keep it on the
+  grouped 3x3, as the official SE-ResNeXt); basic blocks apply the ReLU after bn2 *before* the
+  attention block.
+
 Attention placement follows each block's official code:
 - add-on blocks (se, eca, cbam, gc, coordatt) are the submodule `attn`, applied after the last BN
   of the residual branch (bn2 basic / bn3 bottleneck) and before the addition with the identity,
@@ -23,7 +35,7 @@ Attention placement follows each block's official code:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +60,8 @@ def _attn(attn_layer: AttnFactory | None, channels: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; `sk_layer` (if given) replaces the first, strided one."""
+    """Two 3x3 convs; `sk_layer` (if given) replaces the first, strided one. `caffe`: ReLU after
+    bn2 before the attention block (SENet's SEResNetBlock)."""
 
     expansion = 1
 
@@ -62,6 +75,7 @@ class BasicBlock(nn.Module):
         base_width: int = 64,
         attn_layer: AttnFactory | None = None,
         sk_layer: ConvFactory | None = None,
+        caffe: bool = False,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -76,6 +90,7 @@ class BasicBlock(nn.Module):
             self.act1 = nn.Identity()
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.act_pre_attn: nn.Module = nn.ReLU(inplace=True) if caffe else nn.Identity()
         self.attn = _attn(attn_layer, planes)
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.act2 = nn.ReLU(inplace=True)
@@ -83,12 +98,13 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
-        out = self.attn(self.bn2(self.conv2(out)))
+        out = self.attn(self.act_pre_attn(self.bn2(self.conv2(out))))
         return self.act2(out + shortcut)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (grouped for ResNeXt; SKConv with `sk_layer`), 1x1 expand."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt; SKConv with `sk_layer`), 1x1 expand. `caffe`: the
+    stride sits on the 1x1 reduce unless the 3x3 is grouped (SENet's SEResNetBottleneck)."""
 
     expansion = 4
 
@@ -102,11 +118,14 @@ class Bottleneck(nn.Module):
         base_width: int = 64,
         attn_layer: AttnFactory | None = None,
         sk_layer: ConvFactory | None = None,
+        caffe: bool = False,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         out_channels = planes * self.expansion
-        self.conv1 = _conv1x1(inplanes, width)
+        stride_1x1 = stride if caffe and groups == 1 else 1
+        stride = stride // stride_1x1
+        self.conv1 = _conv1x1(inplanes, width, stride_1x1)
         self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
         if sk_layer is None:
@@ -163,7 +182,10 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
         stem_width: int = 64,
         stem_kernel: int = 7,
-        stem_pool: bool = True,
+        stem_type: str = "",
+        stem_pool: str = "max",
+        avg_down: bool = False,
+        block_layout: str = "torchvision",
         attention: str = "none",
         attn_kwargs: dict[str, Any] | None = None,
         gc_stages: Sequence[int] | None = None,
@@ -175,6 +197,9 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         strides = _check_layout(block, layers, widths, strides, drop_rate)
+        _check_choice("stem_type", stem_type, STEM_TYPES)
+        _check_choice("stem_pool", stem_pool, tuple(STEM_POOLS))
+        _check_choice("block_layout", block_layout, BLOCK_LAYOUTS)
         residual = split_attention(attention)[1]
         factories = stage_factories(
             residual, len(layers), attn_kwargs or {}, gc_stages, eca_kernels, released_eca_kernels
@@ -185,12 +210,11 @@ class ResNet(nn.Module):
         self.stn_stage = stn_stage
         self.num_classes, self.in_chans, self.attention = num_classes, in_chans, attention
         self.groups, self.base_width = groups, width_per_group
-        self.conv1 = nn.Conv2d(
-            in_chans, stem_width, stem_kernel, stride=2, padding=stem_kernel // 2, bias=False
-        )
+        self.avg_down, self.caffe = avg_down, block_layout == "caffe"
+        self.conv1 = _stem_conv(in_chans, stem_width, stem_kernel, stem_type)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.act1 = nn.ReLU(inplace=True)
-        self.maxpool: nn.Module = nn.MaxPool2d(3, 2, padding=1) if stem_pool else nn.Identity()
+        self.maxpool: nn.Module = STEM_POOLS[stem_pool]()
         self.inplanes = stem_width
         for i, (planes, depth, stride) in enumerate(zip(widths, layers, strides, strict=True)):
             stage = self._make_layer(BLOCK_TYPES[block], planes, depth, stride, *factories[i])
@@ -214,9 +238,7 @@ class ResNet(nn.Module):
         out_channels = planes * block_cls.expansion
         downsample = None
         if stride != 1 or self.inplanes != out_channels:
-            downsample = nn.Sequential(
-                _conv1x1(self.inplanes, out_channels, stride), nn.BatchNorm2d(out_channels)
-            )
+            downsample = _downsample(self.inplanes, out_channels, stride, self.avg_down)
         blocks = []
         for i in range(depth):
             blocks.append(
@@ -229,6 +251,7 @@ class ResNet(nn.Module):
                     base_width=self.base_width,
                     attn_layer=attn_layer,
                     sk_layer=sk_layer,
+                    caffe=self.caffe,
                 )
             )
             self.inplanes = out_channels
@@ -251,6 +274,49 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+STEM_TYPES: tuple[str, ...] = ("", "deep", "deep_tiered")
+BLOCK_LAYOUTS: tuple[str, ...] = ("torchvision", "caffe")
+STEM_POOLS: dict[str, Callable[[], nn.Module]] = {
+    "max": lambda: nn.MaxPool2d(3, 2, padding=1),
+    "max_ceil": lambda: nn.MaxPool2d(3, 2, ceil_mode=True),
+    "none": nn.Identity,
+}
+"""Stem pools: torchvision's padded 3x3/2 max pool, the Caffe SENet's unpadded ceil-mode one."""
+
+
+def _stem_conv(in_chans: int, width: int, kernel: int, stem_type: str) -> nn.Module:
+    """One kxk/2 conv, or the three 3x3 convs of a deep (ResNet-D) or tiered (ResNet-T) stem."""
+    if not stem_type:
+        return nn.Conv2d(in_chans, width, kernel, stride=2, padding=kernel // 2, bias=False)
+    inner = width // 2
+    first = 3 * (inner // 4) if stem_type == "deep_tiered" else inner
+    return nn.Sequential(
+        _conv3x3(in_chans, first, stride=2),
+        nn.BatchNorm2d(first),
+        nn.ReLU(inplace=True),
+        _conv3x3(first, inner),
+        nn.BatchNorm2d(inner),
+        nn.ReLU(inplace=True),
+        _conv3x3(inner, width),
+    )
+
+
+def _downsample(cin: int, cout: int, stride: int, avg_down: bool) -> nn.Sequential:
+    """The projection shortcut: a strided 1x1 conv + BN, or (avg_down) a 2x2 average pool, then a
+    1x1 conv + BN."""
+    if not avg_down:
+        return nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    pool: nn.Module = nn.Identity()
+    if stride != 1:
+        pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+    return nn.Sequential(pool, _conv1x1(cin, cout), nn.BatchNorm2d(cout))
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
 
 
 def _check_layout(

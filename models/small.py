@@ -42,7 +42,7 @@ def resnet_small(
         strides=(1,) + (2,) * (len(depths) - 1),
         stem_width=widths[0],
         stem_kernel=3,
-        stem_pool=False,
+        stem_pool="none",
         attention=attention,
         **kwargs,
     )

@@ -22,6 +22,21 @@ from models.attention import CBAM, SKConv
 from models.data_config import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnet_small")
+# Layouts of imported checkpoints; swept (smaller members) in test_import_layouts.py.
+IMPORT_ARCHS = (
+    "resnet152",
+    "resnet26t",
+    "resnet50d",
+    "resnet50t",
+    "resnet101d",
+    "legacy_resnet18",
+    "legacy_resnet34",
+    "legacy_resnet50",
+    "legacy_resnet101",
+    "legacy_resnet152",
+    "legacy_resnext50_32x4d",
+    "mobilenetv2",
+)
 BLOCKS = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk")
 COMBINED = tuple(f"stn+{b}" for b in BLOCKS[1:])
 # (kind, derived) recorded per site with derived=True, as in the contract's table.
@@ -36,7 +51,7 @@ EXPECTED_KINDS = {
 
 
 def test_list_models_and_blocks() -> None:
-    assert list_models() == sorted(ARCHS)
+    assert list_models() == sorted(ARCHS + IMPORT_ARCHS)
     assert tuple(ATTENTION_BLOCKS) == (*BLOCKS, "stn", *COMBINED)
 
 
