@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         logging.getLogger(__name__).debug("training commands unavailable: %s", exc)
     else:
         training_commands.register(commands)
+    from models.imports import command as import_command
+
+    import_command.register(commands)
     return parser
 
 
