@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * MIB, ge=1024, le=1024 * MIB)
     max_image_pixels: int = Field(default=40_000_000, ge=1, le=1_000_000_000)
     max_images_per_request: int = Field(default=32, ge=1, le=1024)
+    overlay_max_side: int = Field(
+        default=512, ge=16, le=4096, description="Longest side of a map_format=overlay image."
+    )
     block_routes: dict[str, str] = Field(
         default_factory=dict, description="JSON object block -> model name for /v1/predict."
     )

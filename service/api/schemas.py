@@ -42,8 +42,14 @@ class PredictOptions(BaseModel):
         description="Longest side of the returned maps (default: the image's longest side, "
         "at most 64 and at least 8).",
     )
-    map_format: Literal["json", "png"] = Field(
-        "json", description="json number arrays, or base64 PNG heatmaps for 2-D maps."
+    map_format: Literal["json", "png", "overlay"] = Field(
+        "json",
+        description="json number arrays; png: base64 PNG heatmaps for 2-D maps; overlay: as "
+        "png, and the summary also blended over the image as a PNG with a colour bar.",
+    )
+    colormap: Literal["viridis", "inferno", "berlin"] = Field(
+        "viridis",
+        description="Colour scale of png and overlay maps (berlin is diverging, centred on 0).",
     )
 
     def map_request(self) -> MapRequest:
@@ -83,6 +89,9 @@ class MapEntry(BaseModel):
     data: list[Any] | None = Field(None, description="Nested lists of numbers, row-major.")
     png: str | None = None
     range: list[float] | None = None
+    overlay: str | None = Field(
+        None, description="map_format=overlay, summary only: base64 PNG over the image."
+    )
 
 
 class LayerEntry(MapEntry):

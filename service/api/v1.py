@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.api.encode import encode_compare, encode_predict
+from service.api.encode import Sources, encode_compare, encode_predict
 from service.api.handlers import ORJSONResponse
 from service.api.inputs import ACCEPTED_CONTENT_TYPES, JSON, MULTIPART, read_payload
 from service.api.requests import MODEL_SCOPE_KEY, until_disconnect
@@ -118,7 +118,10 @@ async def _predict(
         work = pipeline.predict(hosted, images, options.map_request())
         results = await until_disconnect(request.receive, work)
         labels = hosted.data_config.labels
-        body = await pipeline.offload(encode_predict, hosted.name, results, labels, options)
+        sources = Sources(images, services.settings.overlay_max_side)
+        body = await pipeline.offload(
+            encode_predict, hosted.name, results, labels, options, sources
+        )
     return Response(body, media_type="application/json")
 
 
@@ -147,5 +150,6 @@ async def compare(
         work = pipeline.compare(hosted, images[0], merged.map_request())
         results = await until_disconnect(request.receive, work)
         labels = [m.data_config.labels for m in hosted]
-        body = await pipeline.offload(encode_compare, names, results, labels, merged)
+        sources = Sources(images, services.settings.overlay_max_side)
+        body = await pipeline.offload(encode_compare, names, results, labels, merged, sources)
     return Response(body, media_type="application/json")
