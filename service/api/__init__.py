@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import health, v1, v2
+from service.api import health, v1, v2, viewer
 
 __all__ = ["api_router"]
 
@@ -12,3 +12,4 @@ api_router = APIRouter()
 api_router.include_router(v1.router)
 api_router.include_router(v2.router)
 api_router.include_router(health.router)
+api_router.include_router(viewer.router)
