@@ -36,6 +36,16 @@ class UnknownModel(ServiceError):
     error = "unknown_model"
 
 
+class RequestTimeout(ServiceError):
+    """The request body stopped arriving; the answer closes the connection."""
+
+    status_code = 408
+    error = "request_timeout"
+
+    def __init__(self, detail: Any = None) -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     error = "payload_too_large"

@@ -108,6 +108,41 @@ class Settings(BaseSettings):
         "provider configured in the process; off by default, since without one every request "
         "still looks for a provider.",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="Time a client has to send a request's line and headers, from the start "
+        "of the connection or of the request (408 and closed past it).",
+    )
+    body_timeout_s: float = Field(
+        default=15.0,
+        gt=0.0,
+        le=600.0,
+        description="Longest pause while a request body arrives (408 and closed past it).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=3600.0,
+        description="Idle time before a kept-alive connection closes.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=MIB,
+        description="Largest request line plus headers (431 past it).",
+    )
+    max_header_count: int = Field(
+        default=100, ge=8, le=10_000, description="Most headers in one request (431 past it)."
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=2,
+        le=100_000,
+        description="Open connections (and requests in progress) past which requests are "
+        "answered 503 (uvicorn's limit_concurrency).",
+    )
 
     @field_validator("models", "random_models", mode="before")
     @classmethod

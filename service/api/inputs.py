@@ -7,6 +7,7 @@ from its Content-Length header when that is too large, and counted while it stre
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from service.errors import (
     ClientDisconnected,
     InvalidImage,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from service.imaging import ACCEPTED_IMAGE_TYPES
@@ -48,8 +50,9 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as the header or the bytes received exceed it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as the header or the bytes received exceed it,
+    and with 408 when no part of it arrives for `timeout_s` (a stalled client frees its slot)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(
@@ -58,8 +61,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     received = 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the body stopped arriving: nothing for {timeout_s:g} s after "
+                    f"{received} bytes"
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise PayloadTooLarge(
@@ -72,7 +86,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_payload(request: Request, *, max_body_bytes: int, max_images: int) -> Payload:
+async def read_payload(
+    request: Request, *, max_body_bytes: int, max_images: int, body_timeout_s: float
+) -> Payload:
     """Parse any accepted form; 415 for other content types, 413 for too much data."""
     kind = media_type(request)
     if kind not in ACCEPTED_CONTENT_TYPES:
@@ -80,7 +96,7 @@ async def read_payload(request: Request, *, max_body_bytes: int, max_images: int
             f"content type {kind or '(none)'!r} is not accepted; send one of: "
             f"{', '.join(ACCEPTED_CONTENT_TYPES)}"
         )
-    body = await read_body(request, max_body_bytes)
+    body = await read_body(request, max_body_bytes, body_timeout_s)
     if kind == MULTIPART:
         payload = await _multipart(request, body, max_images)
     elif kind == JSON:

@@ -65,6 +65,7 @@ async def _read(
         request,
         max_body_bytes=settings.max_body_bytes,
         max_images=settings.max_images_per_request,
+        body_timeout_s=settings.body_timeout_s,
     )
     if not payload.options:
         return payload.images, query

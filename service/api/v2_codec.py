@@ -77,9 +77,10 @@ class Requested:
     classes: int = 0
 
 
-async def read_infer_body(request: Request, limit: int) -> bytes:
-    """The body, decompressed per Content-Encoding; 413 when either size exceeds `limit`."""
-    body = await read_body(request, limit)
+async def read_infer_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, decompressed per Content-Encoding; 413 when either size exceeds `limit`,
+    408 when it stalls for `timeout_s`."""
+    body = await read_body(request, limit, timeout_s)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in _ENCODINGS:
         raise UnsupportedMediaType(
