@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from service.errors import BatcherStopped, DeadlineExceeded, NotReady, QueueFull
+from service.observe import RequestContext, current_request
 
 __all__ = ["BatchObserver", "Batcher"]
 
@@ -40,11 +41,14 @@ class BatchObserver(Protocol):
 
 @dataclass(eq=False, slots=True)
 class _Item:
-    """A queued request: its payload, the future its caller awaits and its timing."""
+    """A queued request: its payload, the future its caller awaits, its timing, and the request
+    it belongs to (which learns its queue wait and batch)."""
 
     value: Any
     future: asyncio.Future[Any]
     enqueued: float
+    deadline: float | None
+    request: RequestContext | None
 
 
 class Batcher(Generic[T, R]):
@@ -141,18 +145,18 @@ class Batcher(Generic[T, R]):
         seconds pass first, BatcherStopped once stopping, or whatever the handler raised for it.
         Cancelling the caller withdraws the item (a batch that has not started skips it).
         """
-        future = self._enqueue(item)
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed before model {self.name!r}")
+        future = self._enqueue(item, timeout)
         if timeout is None:
             return await future
         try:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"model {self.name!r} did not answer within {timeout:g}s"
-            ) from None
+            raise DeadlineExceeded(f"model {self.name!r} did not answer in time") from None
 
-    def _enqueue(self, item: T) -> asyncio.Future[R]:
+    def _enqueue(self, item: T, timeout: float | None) -> asyncio.Future[R]:
         if not self.running:
             if self._task is None:
                 raise NotReady(f"model {self.name!r} is not started yet")
@@ -165,7 +169,9 @@ class Batcher(Generic[T, R]):
                     retry_after=self._retry_after(),
                 )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(item, future, time.monotonic()))
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        self._queue.append(_Item(item, future, now, deadline, current_request()))
         self._wakeup.set()
         self._notify_depth()
         return future
@@ -248,11 +254,23 @@ class Batcher(Generic[T, R]):
 
     def _take(self, batch: list[_Item]) -> None:
         """Move live items (their callers still wait) from the queue into `batch`, up to the
-        maximum."""
+        maximum. An item whose deadline comes sooner than a batch takes (the recent average)
+        is answered 504 here instead of being computed for nobody."""
+        now = time.monotonic()
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
-            if not item.future.done():
-                batch.append(item)
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline - now < self._run_ema_s:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"model {self.name!r} cannot answer within the request's deadline: "
+                        f"{max(0.0, item.deadline - now):.3f}s left, a batch takes "
+                        f"{self._run_ema_s:.3f}s"
+                    )
+                )
+                continue
+            batch.append(item)
 
     def _drop_dead(self, batch: list[_Item]) -> None:
         """Drop items whose callers gave up (cancelled or past their deadline) while the batch
@@ -262,13 +280,17 @@ class Batcher(Generic[T, R]):
     async def _run(self, batch: list[_Item]) -> None:
         """Call the coroutine handler once and hand each result (or exception) to its future."""
         start = time.monotonic()
-        waits = [start - item.enqueued for item in batch]
         results = await self._handler([item.value for item in batch])
-        self._deliver(batch, results, waits, time.monotonic() - start)
+        self._deliver(batch, results, start, time.monotonic())
 
-    def _deliver(self, batch: list[_Item], results: Any, waits: list[float], run_s: float) -> None:
+    def _deliver(self, batch: list[_Item], results: Any, start: float, end: float) -> None:
         """Hand each result (or exception) to its future; a wrong result count raises."""
+        run_s = end - start
+        waits = [start - item.enqueued for item in batch]
         self._run_ema_s = run_s if self._run_ema_s == 0 else 0.8 * self._run_ema_s + 0.2 * run_s
+        for item in batch:
+            if item.request is not None:
+                item.request.note_batch(item.enqueued, start, end, len(batch))
         if not isinstance(results, Sequence) or len(results) != len(batch):
             got = len(results) if isinstance(results, Sequence) else type(results).__name__
             raise RuntimeError(

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models import spatial_views
+from service.budget import MapCounts
 from service.imaging import Geometry
 from service.maps import ImageMaps, MapPlan, batch_maps
 from service.runner import ModelRunner
 
-__all__ = ["ImageResult", "Item", "run_batch"]
+__all__ = ["ImageResult", "Item", "map_counts", "run_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +49,13 @@ def run_batch(runner: ModelRunner, items: list[Item]) -> list[ImageResult]:
         ImageResult(probs[i], item.geometry, image_maps)
         for i, (item, image_maps) in enumerate(zip(items, maps, strict=True))
     ]
+
+
+def map_counts(runner: ModelRunner) -> MapCounts:
+    """How many maps the model gives per image (for the request budgets), from one capture
+    forward of a blank input."""
+    if runner.input_size is None:
+        return MapCounts(0, 0)
+    out = runner.forward(torch.zeros((1, *runner.input_size)), True)
+    native = sum(record.tensor[0].numel() for record in out.records)
+    return MapCounts(len(spatial_views(out.records)), native)

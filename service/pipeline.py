@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 
 from models import DataConfig
-from service.errors import BadRequest, InvalidImage, PayloadTooLarge
+from service.budget import ResultCost, check_budget
+from service.errors import BadRequest, DeadlineExceeded, InvalidImage, PayloadTooLarge
 from service.forward import ImageResult, Item
 from service.hosting import HostedModel
 from service.imaging import prepare
 from service.maps import MapPlan, MapRequest
+from service.observe import current_request, stage
 
 __all__ = ["Pipeline", "check_count", "gather_all", "prepare_items", "tensor_items"]
 
@@ -34,12 +37,21 @@ class Pipeline:
     """Runs requests through hosted models, with the CPU work in `pool`."""
 
     def __init__(
-        self, pool: Executor, *, max_image_pixels: int, max_images: int, request_timeout_s: float
+        self,
+        pool: Executor,
+        *,
+        max_image_pixels: int,
+        max_images: int,
+        request_timeout_s: float,
+        max_map_cells: int = 1 << 62,
+        max_answer_bytes: int = 1 << 62,
     ) -> None:
         self._pool = pool
         self.max_image_pixels = max_image_pixels
         self.max_images = max_images
         self.request_timeout_s = request_timeout_s
+        self.max_map_cells = max_map_cells
+        self.max_answer_bytes = max_answer_bytes
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -65,9 +77,41 @@ class Pipeline:
             return False
         return True
 
+    def check_budget(self, costs: list[ResultCost], images: int, noun: str = "images") -> None:
+        """400/413 before any work: the image count (`check_count`), then `images` images
+        through results costing `costs` (one per model) against the request budgets
+        (`service.budget`)."""
+        check_count(images, self.max_images, noun)
+        check_budget(
+            costs, images, max_cells=self.max_map_cells, max_answer_bytes=self.max_answer_bytes
+        )
+
+    def remaining(self) -> float:
+        """Seconds left to the running request: its deadline, set when it arrived (the whole
+        request counts: decode, queue, forward and encode), else a full request timeout."""
+        request = current_request()
+        if request is None or request.deadline is None:
+            return self.request_timeout_s
+        return request.deadline - time.monotonic()
+
     async def offload(self, fn: Callable[..., V], *args: Any) -> V:
-        """`fn(*args)` in the CPU pool (decoding, encoding): off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        """`fn(*args)` in the CPU pool (decoding, encoding): off the event loop, and within the
+        request's deadline (504 past it)."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before its answer was ready")
+        try:
+            async with asyncio.timeout(remaining):
+                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within its deadline ({self.request_timeout_s:g}s)"
+            ) from None
+
+    async def encode(self, fn: Callable[..., V], *args: Any) -> V:
+        """An adapter's answer encoding, `fn(*args)`, offloaded and timed as the encode stage."""
+        with stage("encode"):
+            return await self.offload(fn, *args)
 
     async def predict(
         self, hosted: HostedModel, images: list[bytes], maps: MapRequest
@@ -88,7 +132,8 @@ class Pipeline:
         """One result per item of a model-ready batch (N, C, H, W): FP32 normalised as the
         model expects, or UINT8 pixels normalised here with the model's data config."""
         check_count(batch.shape[0], self.max_images)
-        items = await self.offload(tensor_items, batch, hosted.data_config, maps)
+        with stage("decode"):
+            items = await self.offload(tensor_items, batch, hosted.data_config, maps)
         return await gather_all(self._submit(hosted, item) for item in items)
 
     async def compare(
@@ -108,14 +153,20 @@ class Pipeline:
             prepare_items, data, configs, maps, max_pixels=self.max_image_pixels
         )
         try:
-            return await self.offload(work)
+            with stage("decode"):
+                return await self.offload(work)
         except (InvalidImage, PayloadTooLarge) as exc:
             if not label:
                 raise
             raise type(exc)(f"{label}: {exc.detail}") from None
 
     async def _submit(self, hosted: HostedModel, item: Item) -> ImageResult:
-        return await hosted.submit(item, self.request_timeout_s)
+        try:
+            return await hosted.submit(item, self.remaining())
+        except DeadlineExceeded as exc:
+            raise DeadlineExceeded(
+                f"{exc.detail} (the request timeout is {self.request_timeout_s:g}s)"
+            ) from None
 
 
 def check_count(count: int, limit: int, noun: str = "images") -> None:

@@ -95,6 +95,21 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 / Triton gRPC service on `host`; 0 turns it off.",
+    )
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
+        default="none",
+        description="none: load every model at start; explicit: load what `models` names, "
+        "then load and unload through /v2/repository; poll: rescan the repository every "
+        "repository_poll_s seconds and apply what changed (as Triton's --model-control-mode).",
+    )
+    repository_poll_s: float = Field(
+        default=15.0, ge=0.1, le=86_400.0, description="Seconds between rescans in poll mode."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     cpu_threads: int = Field(default_factory=_default_cpu_threads, ge=1, le=64)
     malloc_keep_freed: bool = Field(
@@ -107,6 +122,51 @@ class Settings(BaseSettings):
         description="FastAPI's own OpenTelemetry spans, metrics and logs, for an OpenTelemetry "
         "provider configured in the process; off by default, since without one every request "
         "still looks for a provider.",
+    )
+
+    max_response_bytes: int = Field(
+        default=32 * MIB,
+        ge=64 * 1024,
+        le=4096 * MIB,
+        description="Largest answer a request may ask for, estimated from its images, models, "
+        "map levels and sizes before any work is done (413 past it; docs/api.md).",
+    )
+    max_map_cells: int = Field(
+        default=4 * MIB,
+        ge=1024,
+        le=1024 * MIB,
+        description="Work budget of one request: images x models x map cells (413 past it).",
+    )
+    drain_delay_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=300.0,
+        description="After SIGTERM, seconds to keep serving while readiness reads 503, before "
+        "the port closes and the drain starts.",
+    )
+    readiness: Literal["all", "any"] = Field(
+        default="all",
+        description="all: ready when every model is; any: when at least one is (per-model "
+        "readiness tells the rest).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object a line, with an access log line "
+        "per request."
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS); empty: none.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of API key digests (service.auth); unset: no authentication.",
+    )
+    auth_protect_metrics: bool = Field(
+        default=False, description="With API keys, /metrics needs an inference key too."
+    )
+    auth_protect_docs: bool = Field(
+        default=False,
+        description="With API keys, /docs, /redoc and /openapi.json need an inference key too.",
     )
     header_timeout_s: float = Field(
         default=10.0,
@@ -144,7 +204,7 @@ class Settings(BaseSettings):
         "answered 503 (uvicorn's limit_concurrency).",
     )
 
-    @field_validator("models", "random_models", mode="before")
+    @field_validator("models", "random_models", "cors_origins", mode="before")
     @classmethod
     def _lists_from_strings(cls, value: Any) -> Any:
         return _split_list(value)

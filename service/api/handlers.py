@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import InvalidOptions, ServiceError
+from service.observe import request_id_of
 
 __all__ = ["ORJSONResponse", "error_response", "install_handlers", "respond"]
 
@@ -38,10 +39,17 @@ class ORJSONResponse(JSONResponse):
 
 
 def error_response(
-    status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+    status: int,
+    error: str,
+    detail: Any,
+    headers: dict[str, str] | None = None,
+    request_id: str | None = None,
 ) -> ORJSONResponse:
-    """The error body every failure uses."""
-    return ORJSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+    """The error body every failure uses (with the request's ID once it has one)."""
+    body = {"error": error, "detail": detail}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return ORJSONResponse(body, status_code=status, headers=headers)
 
 
 def _is_v2(request: Request) -> bool:
@@ -57,8 +65,9 @@ def respond(
 ) -> ORJSONResponse:
     """The v1 error body, or on /v2 paths `{"error": <message>}` (503s there get Retry-After);
     also used by the middlewares and the connection layer, so every error has one shape."""
+    request_id = request_id_of(request.scope)
     if not _is_v2(request):
-        return error_response(status, error, detail, headers)
+        return error_response(status, error, detail, headers, request_id)
     if isinstance(detail, list):
         message = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in detail)
     else:
@@ -66,6 +75,7 @@ def respond(
     headers = dict(headers or {})
     if status == 503:
         headers.setdefault("Retry-After", "1")
+    # The OIP error object is {"error"} alone; the request ID is in the X-Request-ID header.
     return ORJSONResponse({"error": message}, status_code=status, headers=headers)
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from service.api.handlers import ORJSONResponse
 from service.api.schemas import NotReadyResponse, ReadyResponse
-from service.errors import NotReady
+from service.errors import BatcherStopped, NotReady
 from service.metrics import CONTENT_TYPE
 from service.state import ServicesDep
 
@@ -29,12 +29,14 @@ async def live() -> ORJSONResponse:
     responses={503: {"model": NotReadyResponse, "description": "Not ready, with the reason."}},
 )
 async def ready(services: ServicesDep) -> ORJSONResponse:
-    """200 once every model is loaded and warm and the device worker answers; else 503 + reason."""
+    """200 once the models are loaded and warm (all, or any with ATTNSERVE_READINESS=any) and
+    the device worker answers; else 503 + reason (`shutting_down` from the first exit signal)."""
     is_ready, reason = await services.readiness()
     models = services.model_states()
     if is_ready:
         return ORJSONResponse({"status": "ready", "models": models})
-    body = {"error": NotReady.error, "detail": reason, "models": models}
+    error = BatcherStopped.error if services.draining or services.stopping else NotReady.error
+    body = {"error": error, "detail": reason, "models": models}
     return ORJSONResponse(body, status_code=NotReady.status_code)
 
 

@@ -8,14 +8,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
 from service.errors import ClientDisconnected
+from service.observe import MODEL_SCOPE_KEY
 
 __all__ = ["MODEL_SCOPE_KEY", "until_disconnect"]
 
 V = TypeVar("V")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-
-MODEL_SCOPE_KEY = "attnserve.model"
-"""ASGI scope key under which an adapter names the request's model (a metrics label)."""
 
 
 async def _cancel_on_disconnect(receive: Receive, work: asyncio.Future[Any]) -> None:

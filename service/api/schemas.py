@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.maps import MapRequest
 
@@ -51,6 +51,14 @@ class PredictOptions(BaseModel):
         "viridis",
         description="Colour scale of png and overlay maps (berlin is diverging, centred on 0).",
     )
+
+    @field_validator("top_k", "map_size", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """JSON true is not the number 1 (pydantic's lax mode would read it so)."""
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return value
 
     def map_request(self) -> MapRequest:
         return MapRequest(self.maps, self.map_size)
@@ -169,6 +177,7 @@ class ErrorBody(BaseModel):
 
     error: str
     detail: Any
+    request_id: str | None = Field(None, description="The request's X-Request-ID.")
 
 
 class V2Error(BaseModel):

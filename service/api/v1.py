@@ -24,6 +24,7 @@ from service.api.schemas import (
     error_responses,
     inline_schema,
 )
+from service.budget import PREDICTION_BYTES, result_cost
 from service.errors import InvalidOptions
 from service.hosting import HostedModel
 from service.state import Services, ServicesDep
@@ -73,6 +74,25 @@ async def _read(
     return payload.images, StrictOptions.model_validate(merged)
 
 
+def _check_budget(
+    services: Services, models: list[HostedModel], images: int, options: PredictOptions
+) -> None:
+    """413 before any work when the request exceeds the map-cell or answer-size budget."""
+    maps = options.map_request()
+    side = services.settings.overlay_max_side
+    costs = [
+        result_cost(
+            m.map_counts,
+            maps,
+            head_bytes=options.top_k * PREDICTION_BYTES,
+            image_format=options.map_format,
+            overlay_side=side,
+        )
+        for m in models
+    ]
+    services.pipeline.check_budget(costs, images)
+
+
 @router.get("/models", summary="List the served models", response_model=ModelsResponse)
 async def list_models(services: ServicesDep) -> ORJSONResponse:
     """Every served model: labels, input size, attention sites, status, random_weights."""
@@ -86,9 +106,15 @@ async def list_models(services: ServicesDep) -> ORJSONResponse:
     responses=_ERRORS,
     openapi_extra=_IMAGES_BODY,
 )
-async def predict(name: str, options: Options, request: Request, services: ServicesDep) -> Response:
-    """Predictions and attention maps for each image, from model `name`."""
-    return await _predict(request, services, services.registry.get(name), options)
+async def predict(
+    name: str,
+    options: Options,
+    request: Request,
+    services: ServicesDep,
+    version: Annotated[int | None, Query(ge=1, description="Default: highest ready.")] = None,
+) -> Response:
+    """Predictions and attention maps for each image, from model `name` (or its `version`)."""
+    return await _predict(request, services, services.registry.get(name, version), options)
 
 
 @router.post(
@@ -112,17 +138,14 @@ async def _predict(
     request: Request, services: Services, hosted: HostedModel, query: PredictOptions
 ) -> Response:
     request.scope[MODEL_SCOPE_KEY] = hosted.name
-    services.ready_model(hosted)
-    pipeline = services.pipeline
-    with pipeline.tracked():
+    with services.serving(hosted) as pipeline:
         images, options = await _read(request, services, query)
+        _check_budget(services, [hosted], len(images), options)
         work = pipeline.predict(hosted, images, options.map_request())
         results = await until_disconnect(request.receive, work)
         labels = hosted.data_config.labels
         sources = Sources(images, services.settings.overlay_max_side)
-        body = await pipeline.offload(
-            encode_predict, hosted.name, results, labels, options, sources
-        )
+        body = await pipeline.encode(encode_predict, hosted.name, results, labels, options, sources)
     return Response(body, media_type="application/json")
 
 
@@ -141,16 +164,18 @@ async def compare(
 ) -> Response:
     """The same image through every served model (or `models`), results side by side."""
     registry = services.registry
-    names = [n.strip() for n in models.split(",") if n.strip()] if models else list(registry.models)
+    listed = [n.strip() for n in models.split(",")] if models else list(registry.models)
+    names = list(dict.fromkeys(n for n in listed if n))  # each model once, in listed order
     hosted = [services.ready_model(registry.get(name)) for name in names]
     pipeline = services.pipeline
     with pipeline.tracked():
         images, merged = await _read(request, services, options)
         if len(images) != 1:
             raise InvalidOptions(f"compare takes exactly one image, got {len(images)}")
+        _check_budget(services, hosted, 1, merged)
         work = pipeline.compare(hosted, images[0], merged.map_request())
         results = await until_disconnect(request.receive, work)
         labels = [m.data_config.labels for m in hosted]
         sources = Sources(images, services.settings.overlay_max_side)
-        body = await pipeline.offload(encode_compare, names, results, labels, merged, sources)
+        body = await pipeline.encode(encode_compare, names, results, labels, merged, sources)
     return Response(body, media_type="application/json")

@@ -371,9 +371,9 @@ async def test_metrics(served: Served, digits) -> None:
     for name in (
         "attnserve_request_duration_seconds_bucket",
         "attnserve_queue_wait_seconds_bucket",
-        'attnserve_batch_size_bucket{le="1.0",model="tiny-se"}',
+        'attnserve_batch_size_bucket{le="1.0",model="tiny-se",version="1"}',
         "attnserve_inference_duration_seconds_bucket",
-        'attnserve_queue_depth{model="tiny-se"}',
+        'attnserve_queue_depth{model="tiny-se",version="1"}',
         'le="0.001"',
         'le="30.0"',
     ):
@@ -423,10 +423,18 @@ async def test_not_ready_and_limits(broken_repository: Path, photo_files: dict) 
             await blocker
         await wait_loaded(served)
         ready = await served.client.get("/health/ready")
-        check_error(ready, 503, "not_ready", "tiny-bad failed to load", "sha256")
+        check_error(ready, 503, "not_ready", "tiny-bad failed to load", "package is invalid")
         assert ready.json()["models"]["tiny-se"]["status"] == "ready"
         broken = await served.client.post("/v1/models/tiny-bad/predict", **raw(jpeg))
         check_error(broken, 503, "not_ready", "failed")
+        for answer in (ready, broken):  # the checksum and the path go to the log only
+            for secret in ("sha256", "PackageError", str(broken_repository)):
+                assert secret not in answer.text, answer.text
+        served.services.settings.readiness = "any"  # tiny-se serves, so the server is ready
+        ready_any = await served.client.get("/health/ready")
+        assert ready_any.status_code == 200, ready_any.text
+        assert ready_any.json()["models"]["tiny-bad"]["status"] == "failed"
+        served.services.settings.readiness = "all"
         await _check_limits(served.client, photo_files)
 
 
@@ -465,9 +473,9 @@ class DepthLog:
         self._inner = services.metrics.on_queue_depth
         services.metrics.on_queue_depth = self  # type: ignore[method-assign]
 
-    def __call__(self, name: str, depth: int) -> None:
+    def __call__(self, name: str, depth: int, version: str = "1") -> None:
         self.depths.append(depth)
-        self._inner(name, depth)
+        self._inner(name, depth, version)
 
     @property
     def submitted(self) -> int:

@@ -132,9 +132,9 @@ def depth_log(services: Services) -> Iterator[list[int]]:
     depths: list[int] = []
     inner = services.metrics.on_queue_depth
 
-    def record(name: str, depth: int) -> None:
+    def record(name: str, depth: int, version: str = "1") -> None:
         depths.append(depth)
-        inner(name, depth)
+        inner(name, depth, version)
 
     services.metrics.on_queue_depth = record  # type: ignore[method-assign]
     try:
@@ -352,7 +352,7 @@ async def test_v1_and_v2_share_batches(served: Served, digits: list) -> None:
     metrics = served.services.metrics.registry
 
     def batches() -> tuple[float, float]:
-        labels = {"model": "tiny-se"}
+        labels = {"model": "tiny-se", "version": "1"}
         count = metrics.get_sample_value("attnserve_batch_size_count", labels) or 0.0
         return count, metrics.get_sample_value("attnserve_batch_size_sum", labels) or 0.0
 
@@ -452,7 +452,7 @@ async def test_errors(served: Served, digits: list) -> None:
     header = infer_request(binary_input("input", "FP32", [1, 1, 64, 64], nan.nbytes))
     check_error(await post(url, **binary_request(header, [nan.tobytes()])), 400, "NaN")
     v1 = (await post("/v1/models/nope/predict", content=b"x")).json()
-    assert set(v1) == {"error", "detail"}  # /v1 keeps its own error shape
+    assert set(v1) == {"error", "detail", "request_id"}  # /v1 keeps its own error shape
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
