@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import api_router
 from service.api.handlers import ORJSONResponse, install_handlers
+from service.auth import AuthMiddleware, load_keys
 from service.api.requests import MODEL_SCOPE_KEY
 from service.device import resolve_device
 from service.metrics import Metrics
@@ -110,6 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_handlers(app)
     app.include_router(api_router)
+    app.state.keys = load_keys(settings)  # None: authentication is off
+    if app.state.keys is not None:
+        app.add_middleware(AuthMiddleware, keys=app.state.keys, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
     logger.info(
         "serving %d model(s) on %s: %s", len(sources), services.device, [s.name for s in sources]

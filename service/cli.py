@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (ATTNSERVE_LOG_LEVEL, default info)",
     )
     serve.set_defaults(func=_serve)
+    from service import auth
+
+    auth.register(commands)
     from service import predict
 
     predict.register(commands)

@@ -150,14 +150,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         if self.linger_timer is not None:  # the unread body of an answered request has ended
-            self.transport.close()
+            self.linger_timer.cancel()
+            self.linger_timer = None
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not self.transport.is_closing():
-            # Answered before its body arrived (401, 413, 404...): read and drop the rest, then
-            # close; a body that keeps coming is cut off after the body timeout.
+            # Answered before its body arrived (401, 413, 404...): the rest is read and dropped,
+            # and the connection closed if it has not all arrived within the body timeout.
             self.linger_timer = self.loop.call_later(self.body_timeout_s, self.transport.close)
 
     # Answers the application never sees

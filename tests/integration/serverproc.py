@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -18,3 +22,38 @@ def server_env(repository: Path, **settings: str) -> dict[str, str]:
     env["ATTNSERVE_MODEL_REPOSITORY"] = str(repository)
     env.update({f"ATTNSERVE_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+def start_server(
+    repository: Path, log_path: Path, **settings: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """`python -m service serve` on a free port with `settings`; its output goes to `log_path`."""
+    port = free_port()
+    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=server_env(repository, **settings), stdout=log, stderr=subprocess.STDOUT
+        )
+    return f"http://127.0.0.1:{port}", process
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    """Poll /health/ready until 200; fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited during start-up"
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready after {timeout}s")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Kill the server if it still runs."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
