@@ -376,3 +376,27 @@ async def test_a_failing_batch_leaves_the_other_running(make) -> None:
 def test_max_concurrent_batches_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_concurrent_batches"):
         Batcher("m", Handler(), max_concurrent_batches=0)
+
+
+async def test_item_that_cannot_meet_its_deadline_is_refused_at_collection(make) -> None:
+    """Once batches are known to take about a second, an item with less time left than that
+    is answered 504 when collected instead of being computed for nobody."""
+
+    async def slow(items: list[Any]) -> list[Any]:
+        await asyncio.sleep(1.0)
+        return [x * 10 for x in items]
+
+    calls: list[list[Any]] = []
+
+    async def handler(items: list[Any]) -> list[Any]:
+        calls.append(list(items))
+        return await slow(items)
+
+    batcher = make(handler)
+    assert await batcher.submit(1, timeout=30.0) == 10  # teaches the batcher a batch's time
+    with pytest.raises(DeadlineExceeded, match="cannot answer within the request's deadline"):
+        await batcher.submit(2, timeout=0.6)
+    assert await batcher.submit(3, timeout=30.0) == 30
+    assert calls == [[1], [3]]
+    with pytest.raises(DeadlineExceeded, match="deadline passed"):
+        await batcher.submit(4, timeout=0.0)
