@@ -168,17 +168,6 @@ class Settings(BaseSettings):
         default=False,
         description="With API keys, /docs, /redoc and /openapi.json need an inference key too.",
     )
-    api_keys_file: Path | None = Field(
-        default=None,
-        description="File of API key digests (service.auth); unset: no authentication.",
-    )
-    auth_protect_metrics: bool = Field(
-        default=False, description="With API keys, /metrics needs an inference key too."
-    )
-    auth_protect_docs: bool = Field(
-        default=False,
-        description="With API keys, /docs, /redoc and /openapi.json need an inference key too.",
-    )
     header_timeout_s: float = Field(
         default=10.0,
         gt=0.0,
