@@ -26,7 +26,7 @@ from service.device import resolve_device
 from service.metrics import Metrics
 from service.repository import ConfigError, discover
 from service.settings import Settings
-from service.state import Services
+from service.state import DRAIN_TIMEOUT_S, Services
 
 __all__ = ["ConfigError", "create_app"]
 
@@ -71,9 +71,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the services (models load in the background); stop and drain them on exit."""
     services: Services = app.state.services
     await services.start()
+    grpc_server = None
+    if services.settings.grpc_port:
+        from service.api.grpc_server import GrpcServer  # grpcio only when gRPC is on
+
+        grpc_server = GrpcServer(services, app.version, app.state.keys)
     try:
+        if grpc_server is not None:
+            await grpc_server.start()
         yield
     finally:
+        if grpc_server is not None:  # HTTP has drained; now gRPC's calls, then the batchers
+            await grpc_server.stop(DRAIN_TIMEOUT_S)
         await services.stop()
 
 

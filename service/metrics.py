@@ -1,7 +1,10 @@
 """Prometheus metrics of one app, on its own CollectorRegistry (tests build many apps).
 
-`Metrics` is also the batchers' `BatchObserver`: batch sizes, queue waits, inference time and
-queue depth are recorded where the batcher measures them. Names follow Prometheus conventions
+`Metrics` is also the batchers' `BatchObserver` (one per model version, `observer`): batch sizes,
+queue waits, inference time and queue depth are recorded where the batcher measures them, and
+each inference request's outcome and phases where the protocol adapters serve it
+(`RequestTiming`). Model-level series carry `model` and `version` labels; the v2 statistics
+extension reads its numbers back from these same series. Names follow Prometheus conventions
 (base units, `_total` for the counter). The registry also carries prometheus-client's standard
 process (`process_*`: CPU seconds, resident memory, open files) and Python (`python_gc_*`,
 `python_info`) collectors, as its default registry would.
@@ -9,6 +12,9 @@ process (`process_*`: CPU seconds, resident memory, open files) and Python (`pyt
 
 from __future__ import annotations
 
+import contextvars
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -23,13 +29,49 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "REQUEST_TIMING", "Metrics", "RequestTiming"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MODEL = ["model", "version"]
+
+
+@dataclass
+class RequestTiming:
+    """The phases of one inference request: admitted, inputs ready (first item queued), results
+    back (last item answered); set by the adapter, advanced by `HostedModel.submit`."""
+
+    started: float
+    inputs_done: float = 0.0
+    results_done: float = 0.0
+
+    def submitted(self) -> None:
+        if not self.inputs_done:
+            self.inputs_done = time.perf_counter()
+
+    def answered(self) -> None:
+        self.results_done = time.perf_counter()
+
+
+REQUEST_TIMING: contextvars.ContextVar[RequestTiming | None] = contextvars.ContextVar(
+    "attnserve_request_timing", default=None
+)
+
+
+class _VersionObserver:
+    """The batcher observer of one model version: its name from the batcher, its version here."""
+
+    def __init__(self, metrics: Metrics, version: str) -> None:
+        self._metrics, self._version = metrics, version
+
+    def on_batch(self, name: str, size: int, queue_waits: list[float], run_seconds: float) -> None:
+        self._metrics.on_batch(name, size, queue_waits, run_seconds, self._version)
+
+    def on_queue_depth(self, name: str, depth: int) -> None:
+        self._metrics.on_queue_depth(name, depth, self._version)
 
 
 class Metrics:
@@ -58,26 +100,54 @@ class Metrics:
         self.queue_wait = Histogram(
             "attnserve_queue_wait_seconds",
             "Time an image waited in its model's queue before its batch ran.",
-            ["model"],
+            MODEL,
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.batch_size = Histogram(
             "attnserve_batch_size",
             "Images per forward pass.",
-            ["model"],
+            MODEL,
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
         self.inference_duration = Histogram(
             "attnserve_inference_duration_seconds",
             "Time the batch handler took (stack, forward on the device, the batch's maps, split).",
-            ["model"],
+            MODEL,
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.queue_depth = Gauge(
-            "attnserve_queue_depth", "Images waiting in a model's queue.", ["model"], registry=reg
+            "attnserve_queue_depth", "Images waiting in a model's queue.", MODEL, registry=reg
+        )
+        self.inference_requests = Histogram(
+            "attnserve_inference_request_duration_seconds",
+            "Inference requests (HTTP and gRPC) by model version and outcome (success, fail), "
+            "from admission to the encoded answer.",
+            [*MODEL, "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.compute_input = Histogram(
+            "attnserve_compute_input_seconds",
+            "Per successful inference request: reading, decoding and preprocessing its inputs.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.compute_output = Histogram(
+            "attnserve_compute_output_seconds",
+            "Per successful inference request: building and encoding its outputs.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.last_inference = Gauge(
+            "attnserve_last_inference_timestamp_seconds",
+            "When a model version last ran a batch (Unix time).",
+            MODEL,
+            registry=reg,
         )
         self.device_memory = Gauge(
             "attnserve_device_memory_bytes",
@@ -86,17 +156,44 @@ class Metrics:
             registry=reg,
         )
 
-    def on_batch(self, name: str, size: int, queue_waits: list[float], run_seconds: float) -> None:
+    def observer(self, version: int) -> _VersionObserver:
+        """The batcher observer for one version of a model."""
+        return _VersionObserver(self, str(version))
+
+    def on_batch(
+        self,
+        name: str,
+        size: int,
+        queue_waits: list[float],
+        run_seconds: float,
+        version: str = "1",
+    ) -> None:
         """Record one batch: its size, each item's queue wait and the handler's duration."""
-        self._child(self.batch_size, name).observe(size)
-        wait = self._child(self.queue_wait, name)
+        self._child(self.batch_size, name, version).observe(size)
+        wait = self._child(self.queue_wait, name, version)
         for seconds in queue_waits:
             wait.observe(seconds)
-        self._child(self.inference_duration, name).observe(run_seconds)
+        self._child(self.inference_duration, name, version).observe(run_seconds)
+        self._child(self.last_inference, name, version).set(time.time())
 
-    def on_queue_depth(self, name: str, depth: int) -> None:
+    def on_queue_depth(self, name: str, depth: int, version: str = "1") -> None:
         """Track the number of queued images of model `name`."""
-        self._child(self.queue_depth, name).set(depth)
+        self._child(self.queue_depth, name, version).set(depth)
+
+    def observe_inference(self, name: str, version: int, ok: bool, timing: RequestTiming) -> None:
+        """Record one finished inference request: its outcome and duration, and for a success
+        the input and output phases."""
+        now = time.perf_counter()
+        labels = (name, str(version))
+        outcome = "success" if ok else "fail"
+        self._child(self.inference_requests, *labels, outcome).observe(now - timing.started)
+        if ok and timing.inputs_done and timing.results_done:
+            self._child(self.compute_input, *labels).observe(timing.inputs_done - timing.started)
+            self._child(self.compute_output, *labels).observe(now - timing.results_done)
+
+    def value(self, sample: str, **labels: str) -> float:
+        """The current value of one sample of this registry (0 when it has none yet)."""
+        return self.registry.get_sample_value(sample, labels) or 0.0
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request and record its duration."""

@@ -7,17 +7,21 @@ stops it (intake off, batchers drained, worker closed). Routes reach it through 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, Request
 
+from service.control import ModelControl
 from service.device import DeviceWorker, default_instances
 from service.errors import BatcherStopped, NotReady
 from service.hosting import HostedModel, ModelRegistry
-from service.metrics import Metrics
+from service.metrics import REQUEST_TIMING, Metrics, RequestTiming
 from service.pipeline import Pipeline
 from service.repository import ModelSource
 from service.settings import Settings
@@ -27,7 +31,7 @@ __all__ = ["DRAIN_TIMEOUT_S", "Services", "ServicesDep", "get_services"]
 
 logger = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 10.0
 
 
 class Services:
@@ -42,8 +46,10 @@ class Services:
         self.pool: ThreadPoolExecutor | None = None
         self._pipeline: Pipeline | None = None
         self._loader: asyncio.Task[None] | None = None
+        self.control: ModelControl | None = None
         self.accepting = False
         self.stopping = False
+        self.draining = False  # set on the first exit signal: not ready, still serving
         self.ready_check_timeout_s = 5.0
 
     async def start(self) -> None:
@@ -60,11 +66,15 @@ class Services:
             max_image_pixels=self.settings.max_image_pixels,
             max_images=self.settings.max_images_per_request,
             request_timeout_s=self.settings.request_timeout_s,
+            max_map_cells=self.settings.max_map_cells,
+            max_answer_bytes=self.settings.max_response_bytes,
         )
         self.accepting = True
+        self.control = ModelControl(
+            self.registry, self.worker, self.pool, self.settings, self.metrics, DRAIN_TIMEOUT_S
+        )
         self._loader = asyncio.get_running_loop().create_task(
-            self.registry.load_all(self.worker, self.pool, self.settings, self.metrics),
-            name="attnserve-load-models",
+            self.control.start(), name="attnserve-load-models"
         )
 
     async def stop(self) -> None:
@@ -106,18 +116,39 @@ class Services:
             raise NotReady(f"model {hosted.name!r} is {hosted.status}{reason}{progress}")
         return hosted
 
+    @contextlib.contextmanager
+    def serving(self, hosted: HostedModel) -> Iterator[Pipeline]:
+        """One inference request on `hosted`: 503 unless it is ready; while it runs it counts
+        as in flight (shutdown and unloading wait for it); its outcome and phases are measured."""
+        self.ready_model(hosted)
+        pipeline = self.pipeline
+        timing = RequestTiming(time.perf_counter())
+        token = REQUEST_TIMING.set(timing)
+        ok = False
+        try:
+            with pipeline.tracked(), hosted.in_use():
+                yield pipeline
+                ok = True
+        finally:
+            REQUEST_TIMING.reset(token)
+            self.metrics.observe_inference(hosted.name, hosted.version, ok, timing)
+
     async def readiness(self) -> tuple[bool, str]:
-        """(ready, reason): all models loaded and warm, batchers alive, the worker answering."""
+        """(ready, reason). Policy "all": every model loaded and warm with a live batcher;
+        "any": at least one such model. Either way the worker must answer, and a draining or
+        stopping service is not ready."""
+        if self.draining or self.stopping:
+            return False, "shutting down"
         if not self.accepting or self.worker is None:
-            return False, "shutting down" if self.stopping else "starting"
-        models = list(self.registry.models.values())
-        if self.registry.loaded < len(models):
-            return False, f"loading {self.registry.loaded}/{len(models)} models"
-        for hosted in models:
-            if hosted.status == "failed":
-                return False, f"model {hosted.name} failed to load: {hosted.error}"
-            if hosted.batcher is None or not hosted.batcher.alive:
-                return False, f"batcher for {hosted.name} stopped"
+            return False, "starting"
+        problems = [p for p in map(self._model_problem, self.registry.models.values()) if p]
+        if self.settings.readiness == "any":
+            if len(problems) == len(self.registry.models):
+                return False, "no model is ready: " + "; ".join(problems)
+        elif self.registry.loaded < len(self.registry.models):
+            return False, f"loading {self.registry.loaded}/{len(self.registry.models)} models"
+        elif problems:
+            return False, problems[0]
         try:
             async with asyncio.timeout(self.ready_check_timeout_s):
                 answered = await self.worker.check()
@@ -126,6 +157,17 @@ class Services:
         if not answered:
             return False, "worker not responding"
         return True, "ready"
+
+    @staticmethod
+    def _model_problem(hosted: HostedModel) -> str | None:
+        """Why `hosted` cannot serve, or None when it can."""
+        if hosted.status == "failed":
+            return f"model {hosted.name} failed to load: {hosted.error}"
+        if hosted.status != "ready":
+            return f"model {hosted.name} is {hosted.status}"
+        if hosted.batcher is None or not hosted.batcher.alive:
+            return f"batcher for {hosted.name} stopped"
+        return None
 
     def model_states(self) -> dict[str, dict[str, Any]]:
         """Per-model status for the health endpoint."""

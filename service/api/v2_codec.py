@@ -1,4 +1,5 @@
 """Wire format of the Open Inference Protocol (KServe v2): request bodies in, response bodies out.
+The tensor conversions (`input_tensor`, `raw_bytes`) serve the gRPC service too.
 
 A body is a JSON header, optionally followed by raw tensor bytes (the binary tensor data
 extension; `Inference-Header-Content-Length` gives the header's length). Numbers are
@@ -27,7 +28,9 @@ __all__ = [
     "OutputTensor",
     "Requested",
     "encode_response",
+    "input_tensor",
     "parse_request",
+    "raw_bytes",
     "read_infer_body",
 ]
 
@@ -139,14 +142,9 @@ def _input(entry: Any, binary: memoryview) -> tuple[InputTensor, int]:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise BadRequest('every input needs a "name", "datatype", "shape" and data')
     name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
-    if datatype != "BYTES" and datatype not in NUMERIC_TYPES:
-        raise BadRequest(f"input {name!r}: unknown or unsupported datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
     parameters = entry.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"input {name!r}: parameters must be an object")
-    count = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or not 0 <= size <= len(binary) or "data" in entry:
@@ -154,14 +152,44 @@ def _input(entry: Any, binary: memoryview) -> tuple[InputTensor, int]:
                 f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} "
                 "binary bytes left (and an input carries data or binary_data_size, not both)"
             )
-        data = _from_binary(name, datatype, count, bytes(binary[:size]))
-    elif "data" in entry:
-        data, size = _from_json(name, datatype, count, entry["data"]), 0
+        return input_tensor(name, datatype, shape, parameters, raw=bytes(binary[:size])), size
+    if "data" in entry:
+        return input_tensor(name, datatype, shape, parameters, json=entry["data"]), 0
+    raise BadRequest(f'input {name!r} has neither "data" nor binary_data_size')
+
+
+def input_tensor(
+    name: str,
+    datatype: Any,
+    shape: Any,
+    parameters: dict[str, Any],
+    *,
+    raw: bytes | None = None,
+    json: Any = None,
+    elements: list[Any] | None = None,
+) -> InputTensor:
+    """One checked input from its data: `raw` bytes (the binary extension, gRPC's raw contents),
+    `json` data (nested lists; BYTES as base64) or flat typed `elements` (gRPC contents: numbers,
+    or BYTES as bytes)."""
+    if datatype != "BYTES" and datatype not in NUMERIC_TYPES:
+        raise BadRequest(f"input {name!r}: unknown or unsupported datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+    count = math.prod(shape)
+    data: np.ndarray | list[bytes]
+    if raw is not None:
+        data = _from_binary(name, datatype, count, raw)
+    elif elements is None:
+        data = _from_json(name, datatype, count, json)
+    elif datatype == "BYTES":
+        if len(elements) != count:
+            raise BadRequest(f"input {name!r}: {len(elements)} BYTES elements, shape says {count}")
+        data = [bytes(e) for e in elements]
     else:
-        raise BadRequest(f'input {name!r} has neither "data" nor binary_data_size')
+        data = _from_json(name, datatype, count, elements)
     if isinstance(data, np.ndarray):
         data = data.reshape(shape)
-    return InputTensor(name, datatype, tuple(shape), data, parameters), size
+    return InputTensor(name, datatype, tuple(shape), data, parameters)
 
 
 def _from_binary(name: str, datatype: str, count: int, chunk: bytes) -> np.ndarray | list[bytes]:
@@ -259,7 +287,7 @@ def encode_response(head: dict[str, Any], outputs: list[OutputTensor]) -> tuple[
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         parameters = dict(out.parameters)
         if out.binary:
-            raw = join_bytes(out.data) if isinstance(out.data, list) else _le_bytes(out.data)
+            raw = raw_bytes(out)
             parameters["binary_data_size"] = len(raw)
             chunks.append(raw)
         elif isinstance(out.data, list):
@@ -275,6 +303,9 @@ def encode_response(head: dict[str, Any], outputs: list[OutputTensor]) -> tuple[
     return header + b"".join(chunks), len(header)
 
 
-def _le_bytes(array: np.ndarray) -> bytes:
-    """Row-major little-endian bytes of a numeric array."""
+def raw_bytes(out: OutputTensor) -> bytes:
+    """An output's raw bytes: numbers row-major little-endian, BYTES length-prefixed."""
+    if isinstance(out.data, list):
+        return join_bytes(out.data)
+    array = out.data
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

@@ -27,6 +27,7 @@ __all__ = [
     "SITE_PREFIX",
     "SUMMARY",
     "TENSOR",
+    "build_outputs",
     "encode_outputs",
     "has_summary",
     "run_inputs",
@@ -88,10 +89,10 @@ async def run_inputs(
     return await pipeline.predict_tensors(hosted, tensor.data, maps)
 
 
-def encode_outputs(
-    hosted: HostedModel, wanted: list[Requested], results: list[ImageResult], head: dict[str, Any]
-) -> tuple[bytes, int | None]:
-    """The response body (and header length if binary) from the per-image results."""
+def build_outputs(
+    hosted: HostedModel, wanted: list[Requested], results: list[ImageResult]
+) -> list[OutputTensor]:
+    """The requested output tensors from the per-image results (HTTP and gRPC)."""
     tensors = []
     for request in wanted:
         if request.name == PROBABILITIES:
@@ -100,7 +101,14 @@ def encode_outputs(
             tensors.append(_summary(request, results))
         else:
             tensors.append(_site(request, results))
-    return encode_response(head, tensors)
+    return tensors
+
+
+def encode_outputs(
+    hosted: HostedModel, wanted: list[Requested], results: list[ImageResult], head: dict[str, Any]
+) -> tuple[bytes, int | None]:
+    """The response body (and header length if binary) from the per-image results."""
+    return encode_response(head, build_outputs(hosted, wanted, results))
 
 
 def _probabilities(
