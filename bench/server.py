@@ -106,6 +106,7 @@ class ServerProcess:
         env.update({f"ATTNSERVE_{k.upper()}": v for k, v in self.settings.items()})
         env.update(ATTNSERVE_HOST=self.host, ATTNSERVE_PORT=str(self.port))
         env.setdefault("ATTNSERVE_LOG_LEVEL", "warning")
+        env.setdefault("ATTNSERVE_GRPC_PORT", "0")  # a gRPC port only when the bench asks
         env.update(self.extra_env)
         return env
 

@@ -72,7 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     await services.start()
     grpc_server = None
-    if services.settings.grpc_port:
+    if app.state.grpc and services.settings.grpc_port:
         from service.api.grpc_server import GrpcServer  # grpcio only when gRPC is on
 
         grpc_server = GrpcServer(services, app.version, app.state.keys)
@@ -104,8 +104,10 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The application for `settings` (read from ATTNSERVE_* when None); ConfigError if unusable."""
+def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastAPI:
+    """The application for `settings` (read from ATTNSERVE_* when None); ConfigError if unusable.
+    `grpc`: the lifespan also serves gRPC on `grpc_port` (the server does; in-process uses
+    open no port)."""
     settings = settings if settings is not None else Settings()
     sources = discover(settings)
     services = Services(settings, sources, _device(settings))
@@ -118,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     app.state.services = services
+    app.state.grpc = grpc
     install_handlers(app)
     app.include_router(api_router)
     app.state.keys = load_keys(settings)  # None: authentication is off

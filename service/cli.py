@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        app = create_app(settings)
+        app = create_app(settings, grpc=True)
     except ConfigError as exc:
         sys.stderr.write(f"attnserve: configuration error: {exc}\n")
         return 2

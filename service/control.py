@@ -42,13 +42,13 @@ _STATES = {
 
 def index_state(hosted: HostedModel) -> dict[str, str]:
     """A hosted version as an entry of the repository index (Triton's states)."""
-    entry = {
+    reason = {"failed": f"failed to load: {hosted.error}", "stopped": "unloaded"}
+    return {
         "name": hosted.name,
         "version": str(hosted.version),
         "state": _STATES[hosted.status],
-        "reason": hosted.error or ("unloaded" if hosted.status == "stopped" else ""),
+        "reason": reason.get(hosted.status, hosted.error or ""),
     }
-    return entry
 
 
 class ModelControl:
@@ -110,9 +110,7 @@ class ModelControl:
         self._check_explicit()
         models = await self.scan()
         if name not in models:
-            raise UnknownModel(
-                f"no model {name!r} in the repository; available: {sorted(models)}"
-            )
+            raise UnknownModel(f"no model {name!r} in the repository; available: {sorted(models)}")
         model = models[name]
         if config is not None:
             try:

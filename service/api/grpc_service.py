@@ -34,7 +34,7 @@ from service.api.v2_model import (
 )
 from service.api.v2_outputs import build_outputs, map_request, run_inputs
 from service.auth import ADMIN, INFER, KeyRing, Verdict, presented_key
-from service.errors import BadRequest, NotReady, QueueFull, ServiceError
+from service.errors import BadRequest, NotReady, QueueFull, ServiceError, UnknownModel
 from service.state import Services
 
 __all__ = ["InferenceServicer", "grpc_code"]
@@ -205,7 +205,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
         async def work() -> pb.ModelReadyResponse:
-            hosted = model_version(self.services, request.name, request.version or None)
+            try:  # as Triton: an unknown or unloaded model is not ready, not an error
+                hosted = model_version(self.services, request.name, request.version or None)
+            except UnknownModel:
+                return pb.ModelReadyResponse(ready=False)
             ready = hosted.status == "ready" and self.services.accepting
             return pb.ModelReadyResponse(ready=ready)
 

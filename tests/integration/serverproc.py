@@ -20,6 +20,7 @@ def free_port() -> int:
 def server_env(repository: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}
     env["ATTNSERVE_MODEL_REPOSITORY"] = str(repository)
+    env["ATTNSERVE_GRPC_PORT"] = "0"  # no gRPC port unless a test asks (servers run side by side)
     env.update({f"ATTNSERVE_{key.upper()}": value for key, value in settings.items()})
     return env
 
