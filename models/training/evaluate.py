@@ -6,7 +6,9 @@ by two localization scores against the digit's 28x28 placement box:
 - pointing game: the map's argmax (first one on ties) falls inside the box;
 - energy in box: the share of the map's mass inside the box (a map with no mass counts as
   uniform, i.e. the baseline).
-A uniform map scores box area / canvas area on both (784 / 4096 = 0.191).
+A uniform map scores box area / canvas area on both (784 / 4096 = 0.191). A spatial
+transformer's `region` is scored by its IoU with the digit box. `evaluate_grid` repeats the
+scores over the clutter recipes of the evaluation grid, which training never draws.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import torch
 from torch import nn
 
 from models.attention import capture_attention, spatial_views, summary_map
-from models.training.data import Canvases, box_fraction
+from models.training.data import (
+    GRID_RECIPES,
+    Canvases,
+    ClutterRecipe,
+    box_fraction,
+    heldout_canvases,
+)
 from models.training.train import to_input
 
 
@@ -40,6 +48,31 @@ def localization(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor,
     energy = (flat * inside).sum(1) / total.clamp_min(1e-12)
     uniform = inside.float().mean(1)
     return hits, torch.where(total > 0, energy, uniform)
+
+
+def region_iou(corners: torch.Tensor, boxes: np.ndarray, samples: int = 4) -> torch.Tensor:
+    """Per-image IoU of a convex quadrilateral (N, 4, 2) of (x, y) pixel-edge coordinates with
+    the (x0, y0, x1, y1) boxes: the intersection counted on `samples` x `samples` points per
+    pixel of the box, the quadrilateral's own area by the shoelace formula."""
+    quad = corners.double()
+    b = torch.from_numpy(boxes).double()
+    x, y = quad[..., 0], quad[..., 1]
+    area = 0.5 * (x * y.roll(-1, 1) - x.roll(-1, 1) * y).sum(1).abs()
+    ious = []
+    for n in range(len(b)):
+        x0, y0, x1, y1 = (float(v) for v in b[n])
+        xs = x0 + (torch.arange(round((x1 - x0) * samples), dtype=torch.float64) + 0.5) / samples
+        ys = y0 + (torch.arange(round((y1 - y0) * samples), dtype=torch.float64) + 0.5) / samples
+        px, py = torch.meshgrid(xs, ys, indexing="xy")
+        edges = quad[n].roll(-1, 0) - quad[n]
+        cross = edges[:, 0, None, None] * (py - quad[n, :, 1, None, None]) - edges[
+            :, 1, None, None
+        ] * (px - quad[n, :, 0, None, None])
+        inside = (cross >= 0).all(0) | (cross <= 0).all(0)
+        inter = inside.double().mean() * (x1 - x0) * (y1 - y0)
+        union = area[n] + (x1 - x0) * (y1 - y0) - inter
+        ious.append(inter / union.clamp_min(1e-12))
+    return torch.stack(ious).float()
 
 
 class _Scores:
@@ -79,6 +112,7 @@ def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) 
     scores = _Scores()
     correct = 0
     has_summary = False
+    ious: list[torch.Tensor] = []
     for start in range(0, len(canvases), batch_size):
         part = slice(start, start + batch_size)
         x = to_input(canvases.images[part, None], model.data_config)
@@ -93,13 +127,38 @@ def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) 
         for view in spatial_views(cap.records):
             scores.info[view.site] = {"kind": view.kind, "derived": view.derived}
             scores.add(view.site, summary_map([view], size), masks)
-    return {
+        regions = [r.tensor for r in cap.records if r.kind == "region"]
+        if regions:
+            ious.append(region_iou(regions[0], canvases.boxes[part]))
+    result = {
         "samples": len(canvases),
         "accuracy": round(correct / len(canvases), 4),
         "baseline": round(box_fraction(), 4),
         "summary": scores.result("summary") if has_summary else None,
         "sites": {site: scores.result(site) for site in scores.info},
     }
+    if ious:
+        result["region_iou"] = round(float(torch.cat(ious).mean()), 4)
+    return result
+
+
+def evaluate_grid(
+    model: nn.Module,
+    recipes: tuple[ClutterRecipe, ...] = GRID_RECIPES,
+    limit: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per recipe of the grid (held-out digits, `limit` canvases each): accuracy, the summary
+    map's pointing and energy, and the region IoU of a spatial transformer."""
+    grid = {}
+    for recipe in recipes:
+        metrics = evaluate_model(model, heldout_canvases(recipe=recipe).subset(limit))
+        row = {"samples": metrics["samples"], "accuracy": metrics["accuracy"]}
+        if metrics["summary"] is not None:
+            row.update(metrics["summary"])
+        if "region_iou" in metrics:
+            row["region_iou"] = metrics["region_iou"]
+        grid[recipe.name] = row
+    return grid
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -125,3 +184,34 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         )
     lines.append(f"| uniform map | - | - | {base:.3f} | {base:.3f} | - |")
     return "\n".join(lines)
+
+
+def format_grid(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per model and one column per recipe of its "grid" metrics:
+    accuracy / pointing / energy (and region IoU where there is a region); then worst-case
+    columns over the grid."""
+    names = list(next(iter(results.values()))["grid"])
+    lines = [
+        "| model | " + " | ".join(names) + " | min accuracy | min pointing |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    for name, metrics in results.items():
+        grid = metrics["grid"]
+        cells = [_grid_cell(grid[recipe]) for recipe in names]
+        worst_acc = min(row["accuracy"] for row in grid.values())
+        points = [row["pointing"] for row in grid.values() if "pointing" in row]
+        worst_point = f"{min(points):.3f}" if points else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {worst_acc:.3f} | {worst_point} |")
+    base = box_fraction()
+    uniform = f"- / {base:.2f} / {base:.2f}"
+    lines.append("| uniform map | " + " | ".join([uniform] * len(names)) + f" | - | {base:.3f} |")
+    return "\n".join(lines)
+
+
+def _grid_cell(row: dict[str, Any]) -> str:
+    cell = f"{row['accuracy']:.3f}"
+    if "pointing" in row:
+        cell += f" / {row['pointing']:.2f} / {row['energy']:.2f}"
+    if "region_iou" in row:
+        cell += f" / IoU {row['region_iou']:.2f}"
+    return cell

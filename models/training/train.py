@@ -1,6 +1,8 @@
 """The trainer: one seeded, deterministic recipe for every architecture and attention block.
 
-AdamW with a one-cycle learning rate (warm-up then cosine decay) and label smoothing; batches
+AdamW with a one-cycle learning rate (warm-up then cosine decay) and label smoothing; a spatial
+transformer trains without weight decay (decay would pull its identity-initialised theta towards
+a zero-size crop; with it, digits-stn's theta diverged); batches
 come from a `TrainingData` source as uint8 and are normalised with statistics measured on the
 first training epoch, which are then written into the model's data config.
 """
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.attention import SpatialTransformer
 from models.data_config import DataConfig
 from models.package import ModelCard, save_package
 from models.registry import create_model
@@ -93,6 +96,20 @@ def build_model(config: TrainConfig, data: TrainingData) -> nn.Module:
     )
 
 
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's groups: the spatial transformers' parameters (no weight decay) and all
+    others."""
+    front = [
+        p for m in model.modules() if isinstance(m, SpatialTransformer) for p in m.parameters()
+    ]
+    chosen = {id(p) for p in front}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}]
+    if front:
+        groups.append({"params": front, "lr": config.lr, "weight_decay": 0.0})
+    return groups
+
+
 def _batches(count: int, batch_size: int, limit: int | None) -> list[slice]:
     """Full batches only (BatchNorm and SK's pooled BN need more than one sample)."""
     steps = max(count // batch_size, 1)
@@ -158,12 +175,11 @@ def train_model(config: TrainConfig, data: TrainingData, progress: bool = True) 
         # channels-last: the CPU convolutions train about 15% faster; stored back contiguous
         model = build_model(config, data).to(memory_format=torch.channels_last)
         steps = len(_batches(len(data.epoch(0)[1]), config.batch_size, config.max_batches))
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        groups = param_groups(model, config)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=config.lr,
+            max_lr=[group["lr"] for group in groups],
             total_steps=steps * config.epochs,
             pct_start=config.warmup_pct,
         )
@@ -186,7 +202,8 @@ def provenance(config: TrainConfig, data: TrainingData, result: TrainResult) -> 
         **recipe,
         "optimizer": (
             f"AdamW(lr={config.lr}, weight_decay={config.weight_decay}), OneCycleLR "
-            f"(warm-up {config.warmup_pct:.0%}, cosine), label smoothing {config.label_smoothing}"
+            f"(warm-up {config.warmup_pct:.0%}, cosine), label smoothing {config.label_smoothing}; "
+            "a spatial transformer without weight decay"
         ),
         "threads": torch.get_num_threads(),
         "wall_time_s": round(result.wall_time_s, 1),

@@ -16,7 +16,7 @@ from models import load_package
 from models.training import commands
 from models.training import data as d
 from models.training.commands import register
-from models.training.evaluate import box_masks, evaluate_model, localization
+from models.training.evaluate import box_masks, evaluate_model, localization, region_iou
 from models.training.imagefolder import find_images, imagefolder_training_data
 from models.training.train import TrainConfig, save_trained, train_model
 
@@ -195,6 +195,9 @@ def test_train_and_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == 30 and printed["baseline"] == pytest.approx(0.1914)
     assert set(printed["sites"]) == {"layer1.0.attn", "layer2.0.attn", "layer3.0.attn"}
+    grid = printed["grid"]
+    assert set(grid) == {r.name for r in d.GRID_RECIPES}
+    assert all(row["samples"] == 30 and 0 <= row["pointing"] <= 1 for row in grid.values())
 
 
 def test_cli_rejects_a_bad_data_source(tmp_path: Path) -> None:
@@ -259,5 +262,46 @@ def test_zoo_cli_writes_one_package_per_block(
         _, card = load_package(tmp_path / f"digits-{block}")
         assert card.attention == block and card.training["epochs"] == 1
         assert card.metrics["dataset"] == "digits-heldout" and card.metrics["samples"] == 1000
+        assert set(card.metrics["grid"]) == {r.name for r in d.GRID_RECIPES}
+        assert card.metrics["grid"]["12x12"]["samples"] == 1000
     table = capsys.readouterr().out
     assert "| digits-gc | gc |" in table and "| uniform map |" in table
+    assert "| digits-gc | " in table.split("unseen clutter recipes")[1]
+
+
+def test_training_varies_the_recipe_and_never_draws_an_evaluated_one(digits: d.Digits) -> None:
+    rng = np.random.default_rng(0)
+    recipes = [d.varied_recipe(rng) for _ in range(2000)]
+    evaluated = {(r.pieces, r.piece_size) for r in (*d.GRID_RECIPES, d.HELDOUT_RECIPE)}
+    assert not {(r.pieces, r.piece_size) for r in recipes} & evaluated
+    assert not {r.pieces for r in recipes} & {*d.GRID_PIECES, d.CLUTTER_PIECES}
+    assert len({r.pieces for r in recipes}) > 5 and len({r.piece_size for r in recipes}) > 3
+    scales = [r.digit_scale for r in recipes]
+    assert 0.8 <= min(scales) < 0.85 and 1.15 < max(scales) <= 1.2
+    train, _ = d.split_digits(digits)
+    canvases = d.epoch_canvases(d.Digits(train.images[:200], train.labels[:200]), 3, 0)
+    sides = canvases.boxes[:, 2] - canvases.boxes[:, 0]
+    assert sides.min() < 25 and sides.max() > 31  # the digit's scale varies, its box with it
+    assert (sides == canvases.boxes[:, 3] - canvases.boxes[:, 1]).all()
+
+
+def test_grid_recipes_are_fixed_and_differ_from_the_heldout_set() -> None:
+    recipe = d.ClutterRecipe(12, 12)
+    a, b = d.heldout_canvases(recipe=recipe), d.heldout_canvases(recipe=recipe)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert ((a.boxes[:, 2:] - a.boxes[:, :2]) == 28).all()
+    heldout = d.heldout_canvases()
+    assert (a.images > 0).mean() > (heldout.images > 0).mean()  # more ink: more, larger pieces
+    assert [r.name for r in d.GRID_RECIPES][:2] == ["4x6", "4x9"]
+
+
+def test_region_iou() -> None:
+    boxes = np.array([[10, 20, 38, 48]] * 3)
+    same = torch.tensor([[10.0, 20.0], [38.0, 20.0], [38.0, 48.0], [10.0, 48.0]])
+    half = same + torch.tensor([14.0, 0.0])  # half the box: 392 / (784 + 784 - 392)
+    turned = torch.tensor([[24.0, 20.0], [38.0, 34.0], [24.0, 48.0], [10.0, 34.0]])  # a diamond
+    iou = region_iou(torch.stack((same, half, turned)), boxes)
+    assert iou[0] == pytest.approx(1.0)
+    assert iou[1] == pytest.approx(1 / 3, abs=1e-3)
+    # inscribed, half the box's area (its edges run through sample points, counted inside)
+    assert iou[2] == pytest.approx(0.5, abs=0.02)
