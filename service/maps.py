@@ -4,8 +4,10 @@ Spatial maps live on the model input grid (after resize and centre crop). `map_g
 image's sampling grid: the centres of a grid covering the whole original image (longest side =
 map size) mapped into the model input, plus a mask of the cells inside the crop. `batch_maps`
 resamples a whole batch on the device thread, one grid_sample per map for every image of the
-same map shape. Values keep the scale the kinds table gives them (gates in [0, 1], GC context
-masks times h*w, the summary min-max normalised); rounding and encoding are the adapters' work.
+same map shape; point records (a spatial transformer's region) are mapped onto the original
+image's pixels by `points_to_original`. Values keep the scale the kinds table gives them (gates
+in [0, 1], GC context masks times h*w, the summary min-max normalised); rounding and encoding
+are the adapters' work.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "default_map_size",
     "map_grid",
     "output_size",
+    "points_to_original",
     "to_original",
 ]
 
@@ -54,11 +57,13 @@ class MapRequest:
 @dataclass(frozen=True, slots=True)
 class MapPlan:
     """One image's share of its batch's map work: the level, and where its maps go on the
-    original image (`map_grid`); grid and mask are None for inputs without an image."""
+    original image (`map_grid`, and the geometry for points); None for inputs without an
+    image."""
 
     level: MapsLevel
     grid: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    geometry: Geometry | None = None
 
     @classmethod
     def for_image(cls, geometry: Geometry | None, request: MapRequest) -> MapPlan | None:
@@ -68,7 +73,7 @@ class MapPlan:
         if geometry is None:
             return cls(request.level)
         grid, mask = map_grid(geometry, request.size or default_map_size(geometry))
-        return cls(request.level, grid, mask)
+        return cls(request.level, grid, mask, geometry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,14 @@ def map_grid(geometry: Geometry, map_size: int) -> tuple[torch.Tensor, torch.Ten
     gy = (2.0 * yc / geometry.crop_height - 1.0).float()
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
     return grid, inside_y[:, None] & inside_x[None, :]
+
+
+def points_to_original(points: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(..., 2) (x, y) pixel-edge coordinates on the model input -> on the original image: the
+    centre crop and the resize undone (the inverse of `map_grid`'s mapping)."""
+    offset = np.array([geometry.crop_left, geometry.crop_top], dtype=np.float64)
+    scale = np.array([geometry.scale_x, geometry.scale_y], dtype=np.float64)
+    return ((points.astype(np.float64) + offset) / scale).astype(np.float32)
 
 
 def _resample(maps: torch.Tensor, grids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -222,6 +235,8 @@ def batch_maps(
         for j, record in enumerate(records):
             if place[j]:
                 layers.append((record, on_image, next(placed_arrays)))
+            elif kinds[j].points and level in ("layers", "all"):
+                layers.append((record, on_image, _points(record, members, plans, on_image)))
             elif level == "all" and not kinds[j].spatial:
                 layers.append((record, False, native[j][1]))
         summary_arrays = None if summaries is None else summaries.numpy()
@@ -233,6 +248,17 @@ def batch_maps(
                 [_layer(r, False, values[g]) for r, values in native],
             )
     return result
+
+
+def _points(
+    record: AttentionRecord, members: list[int], plans: list[MapPlan | None], on_image: bool
+) -> np.ndarray:
+    """A point record of a group's images, on each original image when they have one."""
+    values = record.tensor.index_select(0, torch.tensor(members)).float().numpy()
+    if not on_image:
+        return values
+    geometries = [plans[i].geometry for i in members]  # type: ignore[union-attr]
+    return np.stack([points_to_original(v, g) for v, g in zip(values, geometries, strict=True)])
 
 
 def _layer(record: AttentionRecord, on_image: bool, values: np.ndarray) -> LayerMap:

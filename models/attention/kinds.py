@@ -22,8 +22,9 @@ class RecordKind:
     spatial: an (N, 1, h, w) map over the feature grid; it enters the summary map and is
     resampled onto the original image. rank: dimensions per image after `display`.
     scale: "area" multiplies the map by h*w (a softmax over positions: uniform = 1).
-    points: (x, y) pixel coordinates on the model input; the service also gives them on the
-    original image. image: an image (the spatial transformer's output), drawn as one.
+    points: (x, y) pixel coordinates on the model input; the service gives them on the original
+    image. picture: how a picture answer draws it: "map" (a heatmap where it is 2-D), "image"
+    (the spatial transformer's output, drawn as an image) or "none" (numbers only).
     """
 
     name: str
@@ -32,7 +33,7 @@ class RecordKind:
     spatial: bool = False
     scale: Literal["none", "area"] = "none"
     points: bool = False
-    image: bool = False
+    picture: Literal["map", "image", "none"] = "map"
 
 
 RECORD_KINDS: dict[str, RecordKind] = {
@@ -44,9 +45,9 @@ RECORD_KINDS: dict[str, RecordKind] = {
         RecordKind("coord_h", "(N, C, h, 1)", rank=2),
         RecordKind("coord_w", "(N, C, 1, w)", rank=2),
         RecordKind("branch", "(N, M, C)", rank=2),
-        RecordKind("theta", "(N, 2, 3)", rank=2),
-        RecordKind("region", "(N, 4, 2)", rank=2, points=True),
-        RecordKind("crop", "(N, C, h, w)", rank=3, image=True),
+        RecordKind("theta", "(N, 2, 3)", rank=2, picture="none"),
+        RecordKind("region", "(N, 4, 2)", rank=2, points=True, picture="none"),
+        RecordKind("crop", "(N, C, h, w)", rank=3, picture="image"),
     )
 }
 """Tap kinds that become records; any other tap kind (SK's "feature") stays internal. A spatial

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
+from models import RECORD_KINDS
 from service.api.schemas import PredictOptions
 from service.forward import ImageResult
 from service.imaging import decode_image
@@ -123,8 +124,30 @@ def image_answer(
 
 
 def _layer_entry(layer: LayerMap, png: str | None) -> dict[str, Any]:
-    head = {"layer": layer.layer, "block": layer.block, "kind": layer.kind}
-    return {**head, "derived": layer.derived, **_map_entry(layer.values, png)}
+    head = {
+        "layer": layer.layer,
+        "block": layer.block,
+        "kind": layer.kind,
+        "derived": layer.derived,
+    }
+    picture = RECORD_KINDS[layer.kind].picture
+    if picture == "image" and png:
+        return {**head, **_image_entry(layer.values)}
+    return {**head, **_map_entry(layer.values, png if picture == "map" else None)}
+
+
+def _image_entry(values: np.ndarray) -> dict[str, Any]:
+    """An image record (C, h, w) as a PNG image: grey for one channel, RGB for three, the
+    values' [min, max] spread over 0-255 and given as "range"."""
+    low, high = float(values.min()), float(values.max())
+    pixels = np.rint((values - low) / max(high - low, 1e-12) * 255).clip(0, 255).astype(np.uint8)
+    mode = "RGB" if pixels.shape[0] == 3 else "L"
+    image = Image.fromarray(np.moveaxis(pixels, 0, -1) if mode == "RGB" else pixels[0], mode=mode)
+    return {
+        "shape": list(values.shape),
+        "png": _png_base64(image),
+        "range": [round(low, MAP_DECIMALS), round(high, MAP_DECIMALS)],
+    }
 
 
 def _map_entry(values: np.ndarray, png: str | None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 "image" (BYTES, encoded files) goes through `Pipeline.predict`, exactly as /v1 images do;
 "input" (FP32 or UINT8 shaped like the model input) through `Pipeline.predict_tensors`. Outputs:
 "probabilities", "attention_summary" and, on request, "attention/<site>/<kind>" at native
-resolution as the kinds table displays them.
+resolution as the kinds table displays them, and for point records (a spatial transformer's
+region) "attention/<site>/<kind>_original" in the original image's pixels.
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ __all__ = [
 
 IMAGE, TENSOR = "image", "input"
 PROBABILITIES, SUMMARY, SITE_PREFIX = "probabilities", "attention_summary", "attention/"
+ORIGINAL = "_original"
 MAP_SIZE = 64
 
 
 def site_outputs(hosted: HostedModel) -> dict[str, int]:
     """Per-site output names and their rank (batch dimension included)."""
-    return {
-        f"{SITE_PREFIX}{site['site']}/{kind}": 1 + RECORD_KINDS[kind].rank
-        for site in hosted.sites
-        for kind in site["kinds"]
-    }
+    outputs = {}
+    for site in hosted.sites:
+        for kind in site["kinds"]:
+            name, rank = f"{SITE_PREFIX}{site['site']}/{kind}", 1 + RECORD_KINDS[kind].rank
+            outputs[name] = rank
+            if RECORD_KINDS[kind].points:
+                outputs[name + ORIGINAL] = rank
+    return outputs
 
 
 def has_summary(hosted: HostedModel) -> bool:
@@ -134,14 +139,16 @@ def _summary(request: Requested, results: list[ImageResult]) -> OutputTensor:
 
 
 def _site(request: Requested, results: list[ImageResult]) -> OutputTensor:
-    """One site's record per image at native resolution (GC context scaled so uniform = 1)."""
+    """One site's record per image at native resolution (GC context scaled so uniform = 1), or
+    a point record on the original image (`ORIGINAL`; the model input for tensor inputs)."""
     site, kind = request.name[len(SITE_PREFIX) :].rsplit("/", 1)
+    original = kind.endswith(ORIGINAL) and kind not in RECORD_KINDS
+    kind = kind.removesuffix(ORIGINAL) if original else kind
     values = []
     for result in results:
         assert result.maps is not None  # site outputs ask for every record (map_request)
-        values.append(
-            next(m.values for m in result.maps.native if (m.layer, m.kind) == (site, kind))
-        )
+        pool = result.maps.layers if original else result.maps.native
+        values.append(next(m.values for m in pool if (m.layer, m.kind) == (site, kind)))
     stacked = np.stack(values)
     return OutputTensor(request.name, "FP32", stacked.shape, stacked, request.binary)
 
