@@ -79,9 +79,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCH_HOME=/tmp/torch \
     TRITON_CACHE_DIR=/tmp/triton \
     ATTNSERVE_HOST=0.0.0.0 \
-    ATTNSERVE_PORT=8000
+    ATTNSERVE_PORT=8000 \
+    ATTNSERVE_GRPC_PORT=8001
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST and the Open Inference Protocol), gRPC (KServe v2 / Triton)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('ATTNSERVE_PORT', '8000'), timeout=4)"]
 # uvicorn handles SIGTERM itself: stop accepting, drain in-flight requests, run the shutdown.

@@ -72,7 +72,7 @@ def test_final_stage_runs_unprivileged_from_a_venv(dockerfile: Dockerfile) -> No
     final = dockerfile.final
     user = final.args("USER")[-1].split(":")[0]
     assert user not in ("0", "root")
-    assert final.args("EXPOSE") == ["8000"]
+    assert final.args("EXPOSE") == ["8000 8001"]
     copies = final.args("COPY")
     assert copies == ["--from=builder /opt/venv /opt/venv"]
     runs = " ".join(r for stage in dockerfile.chain(final) for r in stage.args("RUN"))
@@ -88,6 +88,7 @@ def test_final_stage_env_fits_a_read_only_root(dockerfile: Dockerfile) -> None:
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["ATTNSERVE_HOST"] == "0.0.0.0"
     assert env["ATTNSERVE_PORT"] == "8000"
+    assert env["ATTNSERVE_GRPC_PORT"] == "8001"
     assert env["PATH"].startswith("/opt/venv/bin:")
     for key in ("HOME", "XDG_CACHE_HOME", "TORCH_HOME"):
         assert env[key].split("/")[1] == "tmp", f"{key}={env[key]} is outside /tmp"
@@ -174,7 +175,7 @@ def test_compose_service_definition(compose_config: Callable[..., dict[str, Any]
     assert "/health/ready" in " ".join(svc["healthcheck"]["test"])
     assert svc["read_only"] is True and any(t.split(":")[0] == "/tmp" for t in svc["tmpfs"])
     assert svc["restart"] in ("unless-stopped", "always", "on-failure")
-    assert [(p["target"], p["published"]) for p in svc["ports"]] == [(8000, "8000")]
+    assert [(p["target"], p["published"]) for p in svc["ports"]] == [(8000, "8000"), (8001, "8001")]
     (volume,) = svc["volumes"]
     assert volume["target"] == svc["environment"]["ATTNSERVE_MODEL_REPOSITORY"]
     assert volume["read_only"] is True
@@ -188,8 +189,8 @@ def test_compose_passes_every_setting_through(
 
     names = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     env = _service(compose_config(), "attnserve")["environment"]
-    # Host and port are the image's (0.0.0.0:8000); the published port is the knob.
-    assert set(env) == names - {"ATTNSERVE_HOST", "ATTNSERVE_PORT"}
+    # Host and ports are the image's (0.0.0.0:8000, gRPC 8001); the published ports are the knob.
+    assert set(env) == names - {"ATTNSERVE_HOST", "ATTNSERVE_PORT", "ATTNSERVE_GRPC_PORT"}
     chosen = {"MODEL_DIR": "/srv/models", "ATTNSERVE_MAX_BATCH_SIZE": "8"}
     svc = _service(compose_config(env=chosen), "attnserve")
     assert svc["volumes"][0]["source"] == "/srv/models"
