@@ -54,13 +54,20 @@ _IMAGES_BODY: dict[str, Any] = {
 }
 _ERRORS = error_responses(ErrorBody, 400, 404, 413, 415, 422, 503, 504)
 Options = Annotated[PredictOptions, Query()]
+_ROUTE_QUERY = {"version", "attention", "models"}  # the routes' own query parameters
 
 
 async def _read(
     request: Request, services: Services, query: PredictOptions
 ) -> tuple[list[bytes], PredictOptions]:
     """The request's images, and the query options overridden by those in the body (form
-    fields or JSON keys; 422 if invalid)."""
+    fields or JSON keys; 422 if invalid or unknown)."""
+    unknown = sorted(set(request.query_params) - set(PredictOptions.model_fields) - _ROUTE_QUERY)
+    if unknown:
+        shown = [name[:40] for name in unknown[:5]]  # never echo a long input back
+        raise InvalidOptions(
+            f"unknown query option(s) {shown}; options: {sorted(PredictOptions.model_fields)}"
+        )
     settings = services.settings
     payload = await read_payload(
         request,
