@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from models import ATTENTION_BLOCKS, DataConfig, create_model, list_models, load_package
+from models.attention import SINGLE_BLOCKS
 from models.package import CARD_FILE, read_card
 from service.model_config import ModelConfig, read_config
 from service.settings import Settings
@@ -190,7 +191,7 @@ def discover(settings: Settings) -> list[ModelSource]:
             settings.model_repository,
             FALLBACK_ARCH,
         )
-        fallback = [ModelSource(f"digits-{b}", FALLBACK_ARCH, b) for b in ATTENTION_BLOCKS]
+        fallback = [ModelSource(f"digits-{b}", FALLBACK_ARCH, b) for b in SINGLE_BLOCKS]
         models = {s.name: ModelDir(s.name, {1: s}, ModelConfig()) for s in fallback}
     if settings.models:
         unknown = [n for n in settings.models if n not in models]

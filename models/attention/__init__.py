@@ -43,6 +43,8 @@ ATTENTION_BLOCKS = (
 )
 """Every block name the models take: each block alone, and a front transformer combined with
 each residual-block attention ("stn+cbam": a transformer in front, CBAM in every block)."""
+SINGLE_BLOCKS = ("none", *RESIDUAL_BLOCKS, *FRONT_BLOCKS)
+"""Every block on its own, without the combinations (one digits-<block> zoo model each)."""
 
 
 def split_attention(name: str) -> tuple[str | None, str]:
@@ -91,6 +93,7 @@ __all__ = [
     "RECORD_KINDS",
     "RESIDUAL_BLOCKS",
     "SE",
+    "SINGLE_BLOCKS",
     "SPATIAL_KINDS",
     "AttentionCapture",
     "AttentionRecord",

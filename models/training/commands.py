@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from models.attention import ATTENTION_BLOCKS
+from models.attention import ATTENTION_BLOCKS, SINGLE_BLOCKS
 from models.package import load_package
 from models.registry import get_arch_spec
 from models.training.data import TrainingData, digits_training_data, heldout_canvases
@@ -40,7 +40,7 @@ ZOO_RECIPE = TrainConfig(
     model_kwargs={"depths": [1, 2, 1]},
 )
 """The one recipe every shipped digits-<block> model is trained with (only the block differs)."""
-ZOO_BLOCKS = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk", "stn")
+ZOO_BLOCKS = SINGLE_BLOCKS
 """The shipped models: every block alone (combinations such as "stn+cbam" are not shipped)."""
 ZOO_STN = {"transform": "attention", "output_size": [32, 32]}
 """The zoo's transformer: the paper's attention-restricted transform (scale and translation),
