@@ -529,7 +529,7 @@ async def test_busy_worker(model_repository: Path, digits) -> None:
             while (await served.client.get("/health/ready")).status_code != 200:
                 await asyncio.sleep(0.05)
         batches = served.services.metrics.registry.get_sample_value(
-            "attnserve_batch_size_count", {"model": "tiny-se"}
+            "attnserve_batch_size_count", {"model": "tiny-se", "version": "1"}
         )
         assert batches == 1  # only the first request reached the device; the others were dropped
         metrics = (await served.client.get("/metrics")).text
