@@ -93,7 +93,8 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._run_ema_s = 0.0
+        self._item_ema_s = 0.0  # seconds of batch run time per item, recent average
+        self._probe = False  # the last collection refused every item it saw
 
     @property
     def queue_depth(self) -> int:
@@ -254,23 +255,44 @@ class Batcher(Generic[T, R]):
 
     def _take(self, batch: list[_Item]) -> None:
         """Move live items (their callers still wait) from the queue into `batch`, up to the
-        maximum. An item whose deadline comes sooner than a batch takes (the recent average)
-        is answered 504 here instead of being computed for nobody."""
+        maximum, and only while the batch, at the recent time per item, still ends before the
+        earliest deadline in it: a later item waits for the next batch. An item that could not
+        finish even alone is answered 504 here instead of being computed for nobody. After a
+        collection that refused everything, the next one runs its first item regardless, so
+        that a stale estimate cannot refuse work for ever."""
         now = time.monotonic()
+        earliest = math.inf
+        probe, refused = self._probe, False
         while self._queue and len(batch) < self.max_batch_size:
-            item = self._queue.popleft()
+            newest_first = self._overloaded()
+            item = self._queue.pop() if newest_first else self._queue.popleft()
             if item.future.done():
                 continue
-            if item.deadline is not None and item.deadline - now < self._run_ema_s:
+            left = math.inf if item.deadline is None else item.deadline - now
+            if left < self._item_ema_s and not (probe and not batch):
+                refused = True
                 item.future.set_exception(
                     DeadlineExceeded(
                         f"model {self.name!r} cannot answer within the request's deadline: "
-                        f"{max(0.0, item.deadline - now):.3f}s left, a batch takes "
-                        f"{self._run_ema_s:.3f}s"
+                        f"{max(0.0, left):.3f}s left, {self._item_ema_s:.3f}s per image"
                     )
                 )
                 continue
+            if batch and self._item_ema_s * (len(batch) + 1) > min(earliest, left):
+                (self._queue.append if newest_first else self._queue.appendleft)(item)
+                break
+            earliest = min(earliest, left)
             batch.append(item)
+        self._probe = refused and not batch
+
+    def _overloaded(self) -> bool:
+        """Whether the newest queued item would miss its deadline behind the backlog. Then
+        the newest items go first (adaptive LIFO): they can still meet their deadlines, while
+        in arrival order every item would wait behind the backlog and expire."""
+        newest = self._queue[-1]
+        if newest.deadline is None:
+            return False
+        return newest.deadline - time.monotonic() < self.expected_wait_s(len(self._queue))
 
     def _drop_dead(self, batch: list[_Item]) -> None:
         """Drop items whose callers gave up (cancelled or past their deadline) while the batch
@@ -287,7 +309,9 @@ class Batcher(Generic[T, R]):
         """Hand each result (or exception) to its future; a wrong result count raises."""
         run_s = end - start
         waits = [start - item.enqueued for item in batch]
-        self._run_ema_s = run_s if self._run_ema_s == 0 else 0.8 * self._run_ema_s + 0.2 * run_s
+        per_item = run_s / max(1, len(batch))
+        ema = self._item_ema_s
+        self._item_ema_s = per_item if ema == 0 else 0.8 * ema + 0.2 * per_item
         for item in batch:
             if item.request is not None:
                 item.request.note_batch(item.enqueued, start, end, len(batch))
@@ -327,11 +351,14 @@ class Batcher(Generic[T, R]):
             self._queue.extend(live)
             self._notify_depth()
 
+    def expected_wait_s(self, items: int) -> float:
+        """Seconds until `items` items are answered, from the recent time per item (0 before
+        the first batch), shared among the concurrent batch slots."""
+        return items * self._item_ema_s / self.max_concurrent_batches
+
     def _retry_after(self) -> int:
         """Whole seconds until the current queue is likely served (at least 1)."""
-        batches = math.ceil(len(self._queue) / self.max_batch_size)
-        rounds = math.ceil(batches / self.max_concurrent_batches)
-        return max(1, math.ceil(rounds * self._run_ema_s))
+        return max(1, math.ceil(self.expected_wait_s(len(self._queue))))
 
     def _notify_depth(self) -> None:
         depth = len(self._queue)

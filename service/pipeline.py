@@ -161,8 +161,14 @@ class Pipeline:
             raise type(exc)(f"{label}: {exc.detail}") from None
 
     async def _submit(self, hosted: HostedModel, item: Item) -> ImageResult:
-        try:
+        with self._deadline_detail():
             return await hosted.submit(item, self.remaining())
+
+    @contextlib.contextmanager
+    def _deadline_detail(self) -> Iterator[None]:
+        """A model's DeadlineExceeded, with the request timeout named."""
+        try:
+            yield
         except DeadlineExceeded as exc:
             raise DeadlineExceeded(
                 f"{exc.detail} (the request timeout is {self.request_timeout_s:g}s)"

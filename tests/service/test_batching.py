@@ -378,25 +378,50 @@ def test_max_concurrent_batches_must_be_positive() -> None:
         Batcher("m", Handler(), max_concurrent_batches=0)
 
 
-async def test_item_that_cannot_meet_its_deadline_is_refused_at_collection(make) -> None:
-    """Once batches are known to take about a second, an item with less time left than that
-    is answered 504 when collected instead of being computed for nobody."""
-
-    async def slow(items: list[Any]) -> list[Any]:
-        await asyncio.sleep(1.0)
-        return [x * 10 for x in items]
-
+async def test_batches_are_sized_to_their_deadlines(make) -> None:
+    """Once an image is known to take a second, an item with less time left than that is
+    answered 504 at collection, a batch stops before it would end past the earliest deadline
+    in it, and a lone item with no chance still runs (its time keeps the estimate current)."""
     calls: list[list[Any]] = []
 
     async def handler(items: list[Any]) -> list[Any]:
         calls.append(list(items))
-        return await slow(items)
+        await asyncio.sleep(1.0 * len(items))
+        return [x * 10 for x in items]
 
     batcher = make(handler)
-    assert await batcher.submit(1, timeout=30.0) == 10  # teaches the batcher a batch's time
-    with pytest.raises(DeadlineExceeded, match="cannot answer within the request's deadline"):
-        await batcher.submit(2, timeout=0.6)
-    assert await batcher.submit(3, timeout=30.0) == 30
-    assert calls == [[1], [3]]
+    assert await batcher.submit(1, timeout=30.0) == 10  # teaches the batcher: 1 s per image
+    both = asyncio.gather(batcher.submit(2, timeout=30.0), batcher.submit(3, timeout=0.6),
+                          return_exceptions=True)  # fmt: skip
+    answer, refused = await both
+    assert answer == 20 and isinstance(refused, DeadlineExceeded)
+    assert "cannot answer within the request's deadline" in str(refused.detail)
+    assert await asyncio.gather(
+        batcher.submit(4, timeout=1.8), batcher.submit(5, timeout=30.0)
+    ) == [
+        40,
+        50,
+    ]
+    assert calls == [[1], [2], [4], [5]]  # 4 and 5 together would end after 4's deadline
     with pytest.raises(DeadlineExceeded, match="deadline passed"):
-        await batcher.submit(4, timeout=0.0)
+        await batcher.submit(6, timeout=0.0)
+
+
+async def test_newest_first_when_the_oldest_would_miss_its_deadline(make) -> None:
+    handler = Handler()
+    batcher = make(handler)
+    running = await handler.hold_first(batcher, 0)
+    await asyncio.sleep(1.0)
+    handler.gate.set()
+    assert await running == 0  # a batch of one took at least a second
+    handler.gate.clear()
+    held = asyncio.create_task(batcher.submit(10, timeout=30.0))
+    await asyncio.wait_for(handler.entered.wait(), 1.0)
+    await until(lambda: handler.batches[-1] == [10])
+    queued = [asyncio.create_task(batcher.submit(i, timeout=3.5)) for i in (1, 2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    await asyncio.sleep(1.0)  # each has at most 2.5 s left: the last would miss behind 3 s
+    handler.gate.set()
+    await held
+    await asyncio.gather(*queued, return_exceptions=True)
+    assert handler.batches[2][0] == 3  # the newest went first
