@@ -218,8 +218,15 @@ def batch_stats(
     """attnserve_batch_size between two scrapes: batches, mean size and per-bucket counts."""
 
     def delta(name: str, **labels: str) -> float:
-        key = (name, frozenset({"model": model, **labels}.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        """Summed over the model's versions (the series carry a version label)."""
+        wanted = {"model": model, **labels}.items()
+
+        def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+            return sum(
+                v for (n, ls), v in samples.items() if n == name and wanted <= dict(ls).items()
+            )
+
+        return total(after) - total(before)
 
     count = delta("attnserve_batch_size_count")
     total = delta("attnserve_batch_size_sum")
