@@ -40,7 +40,7 @@ def server(
     log = tmp_path_factory.mktemp("triton") / "server.log"
     url, process = start_server(model_repository, log, grpc_port=str(grpc_port), **SETTINGS)
     try:
-        wait_ready(url, process, log=log)
+        wait_ready(url, process)
         yield url, f"127.0.0.1:{grpc_port}"
     finally:
         stop_server(process)
