@@ -159,9 +159,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             code = grpc_code(exc)
             trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(exc, QueueFull):
-                seconds = str(exc.retry_after)
-                pushback = str(exc.retry_after * 1000)
-                trailers = (("retry-after", seconds), ("grpc-retry-pushback-ms", pushback))
+                retry, pushback = str(exc.retry_after), str(exc.retry_after * 1000)
+                trailers = (("retry-after", retry), ("grpc-retry-pushback-ms", pushback))
             if exc.status_code >= 500:
                 logger.info("gRPC %s -> %s %s", method, code.name, exc)
             await context.abort(code, str(exc.detail or exc.error), trailing_metadata=trailers)
