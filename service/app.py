@@ -8,22 +8,20 @@ answers at once, and on shutdown stops intake, drains the batchers and closes th
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import api_router
 from service.api.handlers import ORJSONResponse, install_handlers
 from service.auth import AuthMiddleware, load_keys
-from service.api.requests import MODEL_SCOPE_KEY
 from service.device import resolve_device
-from service.metrics import Metrics
+from service.observe import RequestMiddleware
 from service.repository import ConfigError, discover
 from service.settings import Settings
 from service.state import DRAIN_TIMEOUT_S, Services
@@ -31,34 +29,6 @@ from service.state import DRAIN_TIMEOUT_S, Services
 __all__ = ["ConfigError", "create_app"]
 
 logger = logging.getLogger(__name__)
-
-
-class RequestMetricsMiddleware:
-    """Counts every HTTP request by model, route template and status, and times it."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            model = str(scope.get(MODEL_SCOPE_KEY, ""))
-            self.metrics.observe_request(model, route, status, time.perf_counter() - started)
 
 
 # FastAPI's native OpenTelemetry looks up the global providers on every request even when
@@ -126,7 +96,22 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
     app.state.keys = load_keys(settings)  # None: authentication is off
     if app.state.keys is not None:
         app.add_middleware(AuthMiddleware, keys=app.state.keys, settings=settings)
-    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
+    # Outermost (added last): every answer, errors of the other middleware included, gets the
+    # request ID, and is counted and logged once.
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=services.metrics,
+        timeout_s=settings.request_timeout_s,
+        tracing=settings.opentelemetry,
+    )
     logger.info(
         "serving %d model(s) on %s: %s", len(sources), services.device, [s.name for s in sources]
     )

@@ -18,14 +18,12 @@ from pydantic import ValidationError
 
 __all__ = ["main"]
 
-GRACEFUL_SHUTDOWN_S = 30
-
 
 def _serve(args: argparse.Namespace) -> int:
     """Validate the settings, build the app and run uvicorn until SIGINT/SIGTERM (then drain)."""
-    import uvicorn
-
     from service.app import ConfigError, create_app
+    from service.observe import configure_logging
+    from service.server import serve
     from service.settings import Settings, describe_errors
 
     overrides: dict[str, Any] = {
@@ -38,23 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         sys.stderr.write(f"attnserve: {describe_errors(exc)}\n")
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else logging.DEBUG,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings, grpc=True)
     except ConfigError as exc:
         sys.stderr.write(f"attnserve: configuration error: {exc}\n")
         return 2
     _exit_cleanly_after_drain()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    serve(app, settings)
     return 0
 
 

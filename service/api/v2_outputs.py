@@ -15,11 +15,12 @@ import numpy as np
 
 from models import RECORD_KINDS
 from service.api.v2_codec import InputTensor, OutputTensor, Requested, encode_response
+from service.budget import TENSOR_VALUE_BYTES, result_cost
 from service.errors import BadRequest
 from service.forward import ImageResult
 from service.hosting import HostedModel
 from service.maps import MapRequest, output_size
-from service.pipeline import Pipeline, check_count
+from service.pipeline import Pipeline
 
 __all__ = [
     "IMAGE",
@@ -71,7 +72,11 @@ async def run_inputs(
     """The input tensor checked against the model and run through the pipeline."""
     shape = tensor.shape
     if shape:
-        check_count(shape[0], pipeline.max_images, "items")
+        classes = len(hosted.data_config.labels)
+        cost = result_cost(
+            hosted.map_counts, maps, head_bytes=classes * TENSOR_VALUE_BYTES, image_format="tensor"
+        )
+        pipeline.check_budget([cost], shape[0], "items")
     if tensor.name == IMAGE:
         if tensor.datatype != "BYTES" or len(shape) not in (1, 2) or shape[1:] not in ((), (1,)):
             raise BadRequest(
