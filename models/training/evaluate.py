@@ -178,6 +178,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{s['energy']:.2f}"
             for site, s in metrics.get("sites", {}).items()
         )
+        if "region_iou" in metrics:
+            sites += f"; region IoU with the box {metrics['region_iou']:.2f}"
         lines.append(
             f"| {name} | {metrics.get('block', '')} | {metrics['accuracy']:.3f} | {point} "
             f"| {energy} | {sites or '-'} |"
