@@ -26,7 +26,7 @@ from service.budget import MapCounts
 from service.device import DeviceWorker
 from service.errors import NotReady, UnknownModel
 from service.forward import ImageResult, Item, map_counts, run_batch
-from service.metrics import REQUEST_TIMING, Metrics
+from service.metrics import Metrics
 from service.repository import ModelSource
 from service.runner import ModelRunner
 from service.settings import Settings
@@ -116,13 +116,7 @@ class HostedModel:
             reason = f": {self.error}" if self.error else ""
             raise NotReady(f"model {self.name!r} version {self.version} is {self.status}{reason}")
         own = self.source.config.timeout_s
-        timing = REQUEST_TIMING.get()
-        if timing is not None:
-            timing.submitted()
-        result = await self.batcher.submit(item, timeout=timeout if own is None else own)
-        if timing is not None:
-            timing.answered()
-        return result
+        return await self.batcher.submit(item, timeout=timeout if own is None else own)
 
 
 def failure_reason(exc: BaseException) -> str:

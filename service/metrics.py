@@ -2,20 +2,18 @@
 
 `Metrics` is also the batchers' `BatchObserver` (one per model version, `observer`): batch sizes,
 queue waits, inference time and queue depth are recorded where the batcher measures them, and
-each inference request's outcome and phases where the protocol adapters serve it
-(`RequestTiming`). Model-level series carry `model` and `version` labels; the v2 statistics
-extension reads its numbers back from these same series. Names follow Prometheus conventions
-(base units, `_total` for the counter). The registry also carries prometheus-client's standard
-process (`process_*`: CPU seconds, resident memory, open files) and Python (`python_gc_*`,
-`python_info`) collectors, as its default registry would.
+each inference request's outcome and phases from its `service.observe.RequestContext`.
+Model-level series carry `model` and `version` labels; the v2 statistics extension reads its
+numbers back from these same series. Names follow Prometheus conventions (base units, `_total`
+for the counter). The registry also carries prometheus-client's standard process (`process_*`:
+CPU seconds, resident memory, open files) and Python (`python_gc_*`, `python_info`) collectors,
+as its default registry would.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,7 +27,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "REQUEST_TIMING", "Metrics", "RequestTiming"]
+if TYPE_CHECKING:
+    from service.observe import RequestContext
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (
@@ -37,28 +38,6 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MODEL = ["model", "version"]
-
-
-@dataclass
-class RequestTiming:
-    """The phases of one inference request: admitted, inputs ready (first item queued), results
-    back (last item answered); set by the adapter, advanced by `HostedModel.submit`."""
-
-    started: float
-    inputs_done: float = 0.0
-    results_done: float = 0.0
-
-    def submitted(self) -> None:
-        if not self.inputs_done:
-            self.inputs_done = time.perf_counter()
-
-    def answered(self) -> None:
-        self.results_done = time.perf_counter()
-
-
-REQUEST_TIMING: contextvars.ContextVar[RequestTiming | None] = contextvars.ContextVar(
-    "attnserve_request_timing", default=None
-)
 
 
 class _VersionObserver:
@@ -180,16 +159,17 @@ class Metrics:
         """Track the number of queued images of model `name`."""
         self._child(self.queue_depth, name, version).set(depth)
 
-    def observe_inference(self, name: str, version: int, ok: bool, timing: RequestTiming) -> None:
+    def observe_inference(self, name: str, version: int, ok: bool, request: RequestContext) -> None:
         """Record one finished inference request: its outcome and duration, and for a success
-        the input and output phases."""
-        now = time.perf_counter()
+        the input (arrival to first item queued) and output (last batch done to now) phases."""
+        now = time.monotonic()
         labels = (name, str(version))
         outcome = "success" if ok else "fail"
-        self._child(self.inference_requests, *labels, outcome).observe(now - timing.started)
-        if ok and timing.inputs_done and timing.results_done:
-            self._child(self.compute_input, *labels).observe(timing.inputs_done - timing.started)
-            self._child(self.compute_output, *labels).observe(now - timing.results_done)
+        self._child(self.inference_requests, *labels, outcome).observe(now - request.started)
+        if ok and request.first_enqueued and request.last_answered:
+            inputs = request.first_enqueued - request.started
+            self._child(self.compute_input, *labels).observe(inputs)
+            self._child(self.compute_output, *labels).observe(now - request.last_answered)
 
     def value(self, sample: str, **labels: str) -> float:
         """The current value of one sample of this registry (0 when it has none yet)."""

@@ -33,6 +33,7 @@ __all__ = [
     "configure_logging",
     "current_request",
     "request_id_of",
+    "request_scope",
     "stage",
 ]
 
@@ -59,9 +60,14 @@ class RequestContext:
     stages: list[tuple[str, float, float]] = field(default_factory=list)
     queue_wait_s: float = 0.0
     batch_size: int = 0
+    first_enqueued: float = 0.0  # inputs ready: the first item queued
+    last_answered: float = 0.0  # results back: the last item's batch done
 
     def note_batch(self, enqueued: float, started: float, ended: float, size: int) -> None:
         """One of this request's items ran in a batch of `size` (the batcher calls this)."""
+        if not self.first_enqueued or enqueued < self.first_enqueued:
+            self.first_enqueued = enqueued
+        self.last_answered = max(self.last_answered, ended)
         if started - enqueued >= self.queue_wait_s:
             self.queue_wait_s = started - enqueued
             self.stages.append(("queue", enqueued, started))
@@ -77,6 +83,23 @@ _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar
 def current_request() -> RequestContext | None:
     """The running request's context (None outside a request)."""
     return _current.get()
+
+
+@contextlib.contextmanager
+def request_scope(timeout_s: float, request_id: str | None = None) -> Iterator[RequestContext]:
+    """The running request's context, or a new one (with this deadline) for the duration: a
+    protocol without the HTTP middleware (gRPC) gets the same deadline and timings."""
+    context = _current.get()
+    if context is not None:
+        yield context
+        return
+    started = time.monotonic()
+    context = RequestContext(request_id or uuid.uuid4().hex, started, started + timeout_s)
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
@@ -21,7 +20,8 @@ from service.control import ModelControl
 from service.device import DeviceWorker, default_instances
 from service.errors import BatcherStopped, NotReady
 from service.hosting import HostedModel, ModelRegistry
-from service.metrics import REQUEST_TIMING, Metrics, RequestTiming
+from service.metrics import Metrics
+from service.observe import request_scope
 from service.pipeline import Pipeline
 from service.repository import ModelSource
 from service.settings import Settings
@@ -122,16 +122,14 @@ class Services:
         as in flight (shutdown and unloading wait for it); its outcome and phases are measured."""
         self.ready_model(hosted)
         pipeline = self.pipeline
-        timing = RequestTiming(time.perf_counter())
-        token = REQUEST_TIMING.set(timing)
         ok = False
-        try:
-            with pipeline.tracked(), hosted.in_use():
-                yield pipeline
-                ok = True
-        finally:
-            REQUEST_TIMING.reset(token)
-            self.metrics.observe_inference(hosted.name, hosted.version, ok, timing)
+        with request_scope(self.settings.request_timeout_s) as request:
+            try:
+                with pipeline.tracked(), hosted.in_use():
+                    yield pipeline
+                    ok = True
+            finally:
+                self.metrics.observe_inference(hosted.name, hosted.version, ok, request)
 
     async def readiness(self) -> tuple[bool, str]:
         """(ready, reason). Policy "all": every model loaded and warm with a live batcher;
