@@ -38,11 +38,15 @@ def start_server(
     return f"http://127.0.0.1:{port}", process
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    """Poll /health/ready until 200; fails if the process exits first."""
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], timeout: float = 120.0, log: Path | None = None
+) -> None:
+    """Poll /health/ready until 200; fails (with the end of `log`) if the process exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, "server exited during start-up"
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+            raise AssertionError(f"server exited during start-up\n{tail}")
         try:
             with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as response:
                 if response.status == 200:

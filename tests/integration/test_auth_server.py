@@ -40,12 +40,13 @@ def server(
         log,
         models="tiny-se",
         cpu_threads="1",
+        grpc_port="0",  # no gRPC listener: several servers run at once
         log_level="trace",  # the most the server ever logs: still no key
         api_keys_file=str(keys_file(root / "keys")),
         auth_protect_metrics="true",
     )
     try:
-        wait_ready(url, process)
+        wait_ready(url, process, log=log)
         yield url, log, process
     finally:
         stop_server(process)
