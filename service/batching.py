@@ -93,7 +93,7 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._item_ema_s = 0.0  # seconds of batch run time per item, recent average
+        self._batch_s: dict[int, float] = {}  # batch size -> its recent run time (seconds)
         self._probe = False  # the last collection refused every item it saw
 
     @property
@@ -269,16 +269,17 @@ class Batcher(Generic[T, R]):
             if item.future.done():
                 continue
             left = math.inf if item.deadline is None else item.deadline - now
-            if left < self._item_ema_s and not (probe and not batch):
+            alone = self.batch_time_s(1)
+            if left < alone and not (probe and not batch):
                 refused = True
                 item.future.set_exception(
                     DeadlineExceeded(
                         f"model {self.name!r} cannot answer within the request's deadline: "
-                        f"{max(0.0, left):.3f}s left, {self._item_ema_s:.3f}s per image"
+                        f"{max(0.0, left):.3f}s left, a batch of one takes {alone:.3f}s"
                     )
                 )
                 continue
-            if batch and self._item_ema_s * (len(batch) + 1) > min(earliest, left):
+            if batch and self.batch_time_s(len(batch) + 1) > min(earliest, left):
                 (self._queue.append if newest_first else self._queue.appendleft)(item)
                 break
             earliest = min(earliest, left)
@@ -309,9 +310,9 @@ class Batcher(Generic[T, R]):
         """Hand each result (or exception) to its future; a wrong result count raises."""
         run_s = end - start
         waits = [start - item.enqueued for item in batch]
-        per_item = run_s / max(1, len(batch))
-        ema = self._item_ema_s
-        self._item_ema_s = per_item if ema == 0 else 0.8 * ema + 0.2 * per_item
+        size = len(batch)
+        before = self._batch_s.get(size)
+        self._batch_s[size] = run_s if before is None else 0.8 * before + 0.2 * run_s
         for item in batch:
             if item.request is not None:
                 item.request.note_batch(item.enqueued, start, end, len(batch))
@@ -352,9 +353,27 @@ class Batcher(Generic[T, R]):
             self._notify_depth()
 
     def expected_wait_s(self, items: int) -> float:
-        """Seconds until `items` items are answered, from the recent time per item (0 before
-        the first batch), shared among the concurrent batch slots."""
-        return items * self._item_ema_s / self.max_concurrent_batches
+        """Seconds until `items` items are answered: rounds of full batches over the concurrent
+        batch slots, then one round of what is left, at the recent batch times (0 before any
+        batch ran)."""
+        full, rest = divmod(items, self.max_batch_size * self.max_concurrent_batches)
+        last = math.ceil(rest / self.max_concurrent_batches)
+        return full * self.batch_time_s(self.max_batch_size) + (last and self.batch_time_s(last))
+
+    def batch_time_s(self, size: int) -> float:
+        """The recent run time of a batch of `size` (0 before any batch ran): as measured for
+        that size, else the nearest larger size's (a smaller batch is no slower), else the
+        largest measured one's scaled up in proportion (a bigger batch is no faster per image)."""
+        times = self._batch_s
+        if not times:
+            return 0.0
+        if size in times:
+            return times[size]
+        larger = [n for n in times if n > size]
+        if larger:
+            return times[min(larger)]
+        biggest = max(times)
+        return times[biggest] * size / biggest
 
     def _retry_after(self) -> int:
         """Whole seconds until the current queue is likely served (at least 1)."""
