@@ -1,7 +1,7 @@
 # attnserve: `make run` serves the shipped models, `make test` runs lint and the whole suite.
 # Each target creates .venv on first use and installs what it needs with the pinned constraints:
 # `make run` the runtime dependencies only (pyproject `dependencies`), `make zoo` the train
-# extra, `make bench` the bench extra, `make test` the dev extra. One stamp per set.
+# extra, `make bench` the bench extra, `make test` the dev and ray extras. One stamp per set.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -29,6 +29,7 @@ RUNTIME := $(VENV)/.installed-runtime
 TRAIN   := $(VENV)/.installed-train
 BENCH   := $(VENV)/.installed-bench
 DEV     := $(VENV)/.installed-dev
+RAY     := $(VENV)/.installed-ray
 
 .PHONY: install install-dev test lint browser run zoo bench constraints clean
 
@@ -59,7 +60,8 @@ browser:
 			chromium chromium-driver; \
 	else echo "chromium and chromium-driver are missing (not root): browser tests will skip"; fi
 
-test: lint browser
+# The ray extra lets the Ray Serve test run (tests/deploy/test_ray.py; it skips without it).
+test: lint browser $(RAY)
 	$(BIN)/python -m pytest -q
 
 run: $(RUNTIME)
@@ -75,7 +77,7 @@ bench: $(BENCH)
 # comment and the hand-kept GPU section at the end of constraints.txt are preserved.
 constraints:
 	$(PYTHON) -m venv /tmp/attnserve-resolve
-	/tmp/attnserve-resolve/bin/pip install --quiet --dry-run --report /tmp/attnserve-report.json 'torch==2.13.0' '.[dev]'
+	/tmp/attnserve-resolve/bin/pip install --quiet --dry-run --report /tmp/attnserve-report.json 'torch==2.13.0' '.[dev,ray]'
 	sed -n '1,/^[^#]/{/^#/p}' constraints.txt > /tmp/attnserve-constraints.txt
 	/tmp/attnserve-resolve/bin/python -c "import json; r = json.load(open('/tmp/attnserve-report.json')); print('\\n'.join(sorted(i['metadata']['name'] + '==' + i['metadata']['version'].split('+')[0] for i in r['install'] if i['metadata']['name'] != 'attnserve')))" >> /tmp/attnserve-constraints.txt
 	sed -n '/^# Linux CUDA/,$$p' constraints.txt >> /tmp/attnserve-constraints.txt
