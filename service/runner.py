@@ -19,7 +19,7 @@ import torch
 from models import AttentionRecord, capture_attention, summary_map
 from service.graph import TracedForward, trace_forward
 
-__all__ = ["BatchOutput", "ModelRunner"]
+__all__ = ["BatchOutput", "ModelRunner", "autocast_problem", "cpu_has_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,31 @@ class BatchOutput:
 
     def __len__(self) -> int:
         return int(self.probs.shape[0])
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_problem(device: torch.device, autocast: str) -> str | None:
+    """Why `device` cannot run `autocast`, or None when it can.
+
+    bf16 on the CPU needs native bf16 arithmetic (AVX512-BF16 or AMX tiles): elsewhere oneDNN
+    emulates it, slower than float32."""
+    if autocast == "fp16" and device.type != "cuda":
+        return (
+            f"autocast 'fp16' needs a CUDA device, got {device}. "
+            "Hint: use autocast 'bf16' or 'none' on the CPU."
+        )
+    if autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        return (
+            "autocast 'bf16' on the CPU needs native bf16 support (avx512_bf16 or amx_bf16 "
+            "in lscpu's flags), which this CPU lacks. Hint: use autocast 'none'."
+        )
+    if autocast == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"autocast 'bf16' is not supported on {device}. Hint: use 'fp16'."
+    return None
 
 
 class ModelRunner:
@@ -63,11 +88,9 @@ class ModelRunner:
             raise ValueError(
                 f"autocast must be one of {sorted(_AUTOCAST_DTYPES)}, got {autocast!r}"
             )
-        if autocast == "fp16" and device.type != "cuda":
-            raise ValueError(
-                f"autocast 'fp16' needs a CUDA device, got {device}. "
-                "Hint: use autocast 'bf16' or 'none' on the CPU."
-            )
+        problem = autocast_problem(device, autocast)
+        if problem is not None:
+            raise ValueError(problem)
         self.name = name
         self.device = device
         self.autocast = autocast
