@@ -23,6 +23,37 @@ const state = {
 
 const $ = (id) => document.getElementById(id);
 
+// ---------------------------------------------------------------- API key (when the server asks)
+
+const KEY_STORE = "attnserve.apiKey";
+
+// fetch() with the API key the user gave, if any (kept for this browser tab only).
+function api(url, options = {}) {
+  const key = sessionStorage.getItem(KEY_STORE);
+  const headers = new Headers(options.headers || {});
+  if (key) headers.set("Authorization", `Bearer ${key}`);
+  return fetch(url, { ...options, headers });
+}
+
+// A 401 asks for a key: show the key form; `retry` runs again once a key is entered.
+function askForKey(retry) {
+  const form = $("key-form");
+  form.hidden = false;
+  $("api-key").focus();
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    $("api-key").value = "";
+    form.hidden = true;
+    showError("");
+    try {
+      await retry();
+    } catch (error) {
+      showError(error.message || "Could not reach the server.");
+    }
+  };
+}
+
 // ---------------------------------------------------------------- colour scales and ranges
 
 async function loadTables() {
@@ -136,6 +167,8 @@ function describeError(status, body) {
   if (detail && typeof detail !== "string") detail = JSON.stringify(detail);
   const lead = {
     400: "The server could not read this file as an image",
+    401: "This server needs an API key (enter it above)",
+    403: "This API key may not do that",
     404: "No such model",
     413: "The image is too large for the server",
     415: "This file type is not accepted",
@@ -147,7 +180,11 @@ function describeError(status, body) {
 }
 
 async function loadModels() {
-  const response = await fetch("v1/models");
+  const response = await api("v1/models");
+  if (response.status === 401) {
+    askForKey(loadModels);
+    throw new Error(describeError(401, await safeJson(response)));
+  }
   if (!response.ok) throw new Error(describeError(response.status, await safeJson(response)));
   state.models = (await response.json()).models;
   const select = $("model");
@@ -198,10 +235,11 @@ async function run() {
   setStatus(compare ? "Running every model…" : `Running ${model}…`, true);
   try {
     const [response, image] = await Promise.all([
-      fetch(url, { method: "POST", body: form }),
+      api(url, { method: "POST", body: form }),
       decodeLocally(state.file),
     ]);
     const text = await response.text();
+    if (response.status === 401) askForKey(run);
     if (!response.ok) {
       let body = null;
       try {

@@ -181,3 +181,69 @@ def test_a_text_file_shows_the_400_message(page: Any, tmp_path: Path) -> None:
     assert "400 invalid_image" in error.text
     assert page.find_element(By.ID, "single").get_attribute("hidden")
     screenshot(page, "error-400")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A server that needs an API key: (its URL, the key)."""
+    import hashlib
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    key = "viewer-test-key-1234567890"
+    folder = tmp_path_factory.mktemp("keyed")
+    (folder / "keys").write_text(hashlib.sha256(key.encode()).hexdigest() + " infer\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")} | zoo_env
+    env |= {"ATTNSERVE_API_KEYS_FILE": str(folder / "keys"), "ATTNSERVE_GRPC_PORT": "0"}
+    env["ATTNSERVE_MODELS"] = "digits-cbam"
+    log = (folder / "server.log").open("wb")
+    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (folder / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "keyed server not ready"
+            time.sleep(0.2)
+        yield url, key
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_viewer_asks_for_the_key_when_the_server_needs_one(
+    browser: Any, keyed_server: tuple[str, str]
+) -> None:
+    url, key = keyed_server
+    browser.get(f"{url}/")
+    WebDriverWait(browser, WAIT_S).until(lambda d: body(d).get_attribute("data-ready") == "true")
+    form = browser.find_element(By.ID, "key-form")
+    assert form.is_displayed()
+    assert "API key" in browser.find_element(By.ID, "error").text
+    field = browser.find_element(By.ID, "api-key")
+    field.send_keys("wrong-key")
+    field.send_keys(Keys.ENTER)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    field = browser.find_element(By.ID, "api-key")
+    field.send_keys(key)
+    field.send_keys(Keys.ENTER)
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: "digits-cbam" in d.find_element(By.ID, "models").text
+    )
+    assert not browser.find_element(By.ID, "key-form").is_displayed()
+    browser.save_screenshot(str(ARTIFACTS / "key-accepted.png"))
