@@ -71,8 +71,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 break
             except TimeoutError:
                 raise RequestTimeout(
-                    f"the body stopped arriving: nothing for {timeout_s:g} s after "
-                    f"{received} bytes"
+                    f"the body stopped arriving: nothing for {timeout_s:g} s after {received} bytes"
                 ) from None
             received += len(chunk)
             if received > limit:
