@@ -349,6 +349,22 @@ def time_forward(forward: Forward, batch: torch.Tensor, repeats: int) -> dict[st
     return {"images_per_s": images / wall, "images_per_cpu_s": images / max(cpu, 1e-9)}
 
 
+def profile_forward(forward: Forward, batch: torch.Tensor) -> dict[str, Any]:
+    """One forward under torch.profiler: the ops by self CPU time, and the convolutions' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key or "mkldnn" in e.key)
+    return {
+        "table": events.table(sort_by="self_cpu_time_total", row_limit=12),
+        "self_cpu_ms": round(total / 1000, 1),
+        "conv_share": round(conv / total, 3) if total else 0.0,
+    }
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -368,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-seconds", type=float, default=1.0, help="per GEMM and round")
     p.add_argument("--check-images", type=int, default=60, help="photo views for agreement (<= 60)")
     p.add_argument("--no-shipped", action="store_true", help="skip the shipped models' agreement")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: default")
+    p.add_argument("--profile", default="", help="a variant to profile at the largest batch size")
     p.add_argument("--out", type=Path, default=Path("/tmp/roofline"), help="results directory")
     return p
 
@@ -474,6 +492,8 @@ def _gemm_precisions(device: torch.device) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = VARIANTS if args.variants == "all" else args.variants.split(",")
     variants = [Variant.parse(v.strip()) for v in names if v.strip()]
     if REFERENCE not in [v.name for v in variants]:
@@ -497,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": {},
         "skipped": {},
         "shipped": [],
+        "profile": {},
     }
     forwards: dict[tuple[str, str], Forward] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -561,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
         gemm = {p: round(r[-1]["gflops"], 1) for p, r in results["gemm"].items()}
         print(f"round {round_ + 1}/{args.rounds} done; GEMM GFLOP/s {gemm}", flush=True)
 
+    if args.profile:
+        for name in inputs:
+            if (name, args.profile) in forwards:
+                batch = inputs[name][:1].repeat(max(sizes), 1, 1, 1)
+                results["profile"][name] = profile_forward(forwards[(name, args.profile)], batch)
+                print(f"{name} {args.profile}:\n{results['profile'][name]['table']}", flush=True)
     results["state_after"] = machine_state()
     table = summarise(results)
     results["table"] = table
