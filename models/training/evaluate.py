@@ -192,7 +192,8 @@ def format_grid(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table, one row per model and one column per recipe of its "grid" metrics:
     accuracy / pointing / energy (and region IoU where there is a region); then worst-case
     columns over the grid."""
-    names = list(next(iter(results.values()))["grid"])
+    first = next(iter(results.values()))["grid"]
+    names = [r.name for r in GRID_RECIPES if r.name in first] or list(first)
     lines = [
         "| model | " + " | ".join(names) + " | min accuracy | min pointing |",
         "|---|" + "---|" * (len(names) + 2),

@@ -1,8 +1,10 @@
 """The trainer: one seeded, deterministic recipe for every architecture and attention block.
 
 AdamW with a one-cycle learning rate (warm-up then cosine decay) and label smoothing; a spatial
-transformer trains without weight decay (decay would pull its identity-initialised theta towards
-a zero-size crop; with it, digits-stn's theta diverged); batches
+transformer trains at `stn_lr_scale` times the learning rate (at the full rate the ReLUs of
+digits-stn's localisation net all died, leaving theta a constant) and without weight decay
+(decay pulls its identity-initialised theta towards a zero-size crop; with it, theta
+diverged); batches
 come from a `TrainingData` source as uint8 and are normalised with statistics measured on the
 first training epoch, which are then written into the model's data config.
 """
@@ -45,6 +47,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     warmup_pct: float = 0.15
     seed: int = 0
+    stn_lr_scale: float = 0.1
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     max_batches: int | None = None
 
@@ -97,8 +100,8 @@ def build_model(config: TrainConfig, data: TrainingData) -> nn.Module:
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """The optimizer's groups: the spatial transformers' parameters (no weight decay) and all
-    others."""
+    """The optimizer's groups: the spatial transformers' parameters (at `stn_lr_scale` times the
+    learning rate, no weight decay) and all others."""
     front = [
         p for m in model.modules() if isinstance(m, SpatialTransformer) for p in m.parameters()
     ]
@@ -106,7 +109,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     rest = [p for p in model.parameters() if id(p) not in chosen]
     groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}]
     if front:
-        groups.append({"params": front, "lr": config.lr, "weight_decay": 0.0})
+        groups.append({"params": front, "lr": config.lr * config.stn_lr_scale, "weight_decay": 0.0})
     return groups
 
 
@@ -203,7 +206,7 @@ def provenance(config: TrainConfig, data: TrainingData, result: TrainResult) -> 
         "optimizer": (
             f"AdamW(lr={config.lr}, weight_decay={config.weight_decay}), OneCycleLR "
             f"(warm-up {config.warmup_pct:.0%}, cosine), label smoothing {config.label_smoothing}; "
-            "a spatial transformer without weight decay"
+            f"a spatial transformer at {config.stn_lr_scale} x lr without weight decay"
         ),
         "threads": torch.get_num_threads(),
         "wall_time_s": round(result.wall_time_s, 1),

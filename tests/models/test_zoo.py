@@ -1,7 +1,8 @@
 """The shipped digits-<block> packages: they load, match their cards and keep their scores.
 
-Inference only, on the first 300 canvases of the fixed held-out set; recorded scores (measured
-on all 1,000) are allowed three binomial standard errors.
+Inference only, on the first 300 canvases of the fixed held-out set and of one unseen clutter
+recipe of the evaluation grid; recorded scores (measured on all 1,000) are allowed three
+binomial standard errors (for the region IoU, a value in [0, 1], that bound holds too).
 """
 
 from __future__ import annotations
@@ -14,13 +15,24 @@ from typing import Any
 import pytest
 import torch
 
-from models import ATTENTION_BLOCKS, load_package
-from models.training.commands import ZOO_DIR, ZOO_RECIPE
-from models.training.data import DIGIT_LABELS, box_fraction, heldout_canvases
-from models.training.evaluate import evaluate_model
+from models import load_package
+from models.training.commands import (
+    ZOO_BLOCKS,
+    ZOO_DIR,
+    ZOO_RECIPE,
+    zoo_epochs,
+    zoo_model_kwargs,
+)
+from models.training.data import DIGIT_LABELS, ClutterRecipe, box_fraction, heldout_canvases
+from models.training.evaluate import evaluate_grid, evaluate_model
 
 SUBSET = 300
+UNSEEN = ClutterRecipe(12, 12)
+"""The grid's most cluttered recipe: 12 pieces of 12x12."""
 MIN_ACCURACY = 0.95
+MIN_ACCURACY_STN = 0.93
+"""digits-stn misses the zoo's 0.95 (0.932 on the held-out set, see docs/models.md): this pins
+its recorded level so that a regression shows; the other blocks keep MIN_ACCURACY."""
 WIDE_MARGIN = 1.5
 SUMMARY_POINTS = {"se", "cbam", "gc", "coordatt", "sk"}
 """Blocks whose summary map points into the digit box >= 1.5x as often as a uniform map does
@@ -47,11 +59,14 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def scores(canvases) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """(recorded, measured) metrics per block."""
+    """(recorded, measured) metrics per block: held-out recipe, and the unseen one under
+    "unseen"."""
     result = {}
-    for block in ATTENTION_BLOCKS:
+    for block in ZOO_BLOCKS:
         model, card = load_package(_package(block))
-        result[block] = (card.metrics, evaluate_model(model, canvases))
+        measured = evaluate_model(model, canvases)
+        measured["unseen"] = evaluate_grid(model, (UNSEEN,), SUBSET)[UNSEEN.name]
+        result[block] = (card.metrics, measured)
     return result
 
 
@@ -67,7 +82,7 @@ def _close(measured: float, recorded: float) -> bool:
     return abs(measured - recorded) <= 3 * math.sqrt(max(recorded * (1 - recorded), 0.01) / SUBSET)
 
 
-@pytest.mark.parametrize("block", ATTENTION_BLOCKS)
+@pytest.mark.parametrize("block", ZOO_BLOCKS)
 def test_package_matches_its_card(block: str) -> None:
     path = _package(block)
     model, card = load_package(path)
@@ -76,27 +91,29 @@ def test_package_matches_its_card(block: str) -> None:
     assert len(weights) < 2_000_000
     assert (card.name, card.arch, card.attention) == (f"digits-{block}", "resnet_small", block)
     assert (model.arch, model.attention) == ("resnet_small", block)
-    assert card.model_kwargs == ZOO_RECIPE.model_kwargs
+    assert card.model_kwargs == zoo_model_kwargs(block)
     assert card.data_config.labels == DIGIT_LABELS
     assert card.data_config.input_size == (1, 64, 64)
     assert 0.0 < card.data_config.mean[0] < 0.2 and 0.1 < card.data_config.std[0] < 0.5
     training = card.training
     assert training["data"] == "digits" and training["seed"] == ZOO_RECIPE.seed
-    assert training["epochs"] == ZOO_RECIPE.epochs and training["lr"] == ZOO_RECIPE.lr
+    assert training["epochs"] == zoo_epochs(block) and training["lr"] == ZOO_RECIPE.lr
     for key in ("batch_size", "optimizer", "split", "wall_time_s", "torch", "threads"):
         assert key in training
-    assert card.metrics["samples"] == 1000 and card.metrics["accuracy"] >= MIN_ACCURACY
+    floor = MIN_ACCURACY_STN if block == "stn" else MIN_ACCURACY
+    assert card.metrics["samples"] == 1000 and card.metrics["accuracy"] >= floor
 
 
-@pytest.mark.parametrize("block", ATTENTION_BLOCKS)
+@pytest.mark.parametrize("block", ZOO_BLOCKS)
 def test_package_reaches_its_recorded_accuracy(block: str, scores) -> None:
     recorded, measured = scores[block]
     assert measured["samples"] == SUBSET
     assert _close(measured["accuracy"], recorded["accuracy"])
-    assert measured["accuracy"] >= MIN_ACCURACY - 0.03
+    floor = MIN_ACCURACY_STN if block == "stn" else MIN_ACCURACY
+    assert measured["accuracy"] >= floor - 0.03
 
 
-@pytest.mark.parametrize("block", ATTENTION_BLOCKS)
+@pytest.mark.parametrize("block", ZOO_BLOCKS)
 def test_localization_reproduces_the_card(block: str, scores) -> None:
     recorded, measured = scores[block]
     if block == "none":
@@ -109,9 +126,23 @@ def test_localization_reproduces_the_card(block: str, scores) -> None:
     for now, then in pairs:
         assert _close(now["pointing"], then["pointing"]), (now, then)
         assert _close(now["energy"], then["energy"]), (now, then)
+    assert ("region_iou" in measured) == ("region_iou" in recorded) == (block == "stn")
+    if block == "stn":
+        assert _close(measured["region_iou"], recorded["region_iou"])
 
 
-@pytest.mark.parametrize("block", ATTENTION_BLOCKS)
+@pytest.mark.parametrize("block", ZOO_BLOCKS)
+def test_unseen_recipe_reproduces_the_card(block: str, scores) -> None:
+    recorded, measured = scores[block]
+    then, now = recorded["grid"][UNSEEN.name], measured["unseen"]
+    assert now["samples"] == SUBSET
+    keys = {"accuracy", "pointing", "energy", "region_iou"} & set(then)
+    assert keys == {"accuracy", "pointing", "energy", "region_iou"} & set(now)
+    for key in keys:
+        assert _close(now[key], then[key]), (key, now, then)
+
+
+@pytest.mark.parametrize("block", ZOO_BLOCKS)
 def test_attention_maps_find_the_digit(block: str, scores) -> None:
     _, measured = scores[block]
     wide = WIDE_MARGIN * box_fraction()
@@ -126,3 +157,6 @@ def test_attention_maps_find_the_digit(block: str, scores) -> None:
         assert site["pointing"] >= wide and site["energy"] >= wide
     if block != "none":
         assert summary["pointing"] > box_fraction()
+    if block == "stn":  # the sampled region beats the whole canvas (IoU 784 / 4096)
+        assert measured["region_iou"] > box_fraction()
+        assert measured["unseen"]["region_iou"] > box_fraction()

@@ -15,7 +15,7 @@ from service.runner import ModelRunner
 
 CPU = torch.device("cpu")
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
-BLOCKS = ["none", "se", "eca", "cbam", "gc", "coordatt", "sk"]
+BLOCKS = ["none", "se", "eca", "cbam", "gc", "coordatt", "sk", "stn"]
 
 
 def _zoo_model(block: str) -> nn.Module:
