@@ -19,6 +19,7 @@ from models.attention import (
     SE,
     CoordAtt,
     SKConv,
+    SpatialTransformer,
     capture_attention,
     create_attention,
     eca_kernel_size,
@@ -266,8 +267,10 @@ def test_resnet50_parameter_totals_from_reference() -> None:
 
 
 def test_create_attention_dispatch_and_errors() -> None:
-    assert ATTENTION_BLOCKS == ("none", "se", "eca", "cbam", "gc", "coordatt", "sk")
+    singles = ("none", "se", "eca", "cbam", "gc", "coordatt", "sk", "stn")
+    assert (*singles, *(f"stn+{b}" for b in singles[1:7])) == ATTENTION_BLOCKS
     assert create_attention("none", 64) is None
+    assert isinstance(create_attention("stn", 3, output_size=8), SpatialTransformer)
     assert isinstance(create_attention("se", 64, reduction=8), SE)
     assert create_attention("se", 64, reduction=8).fc1.out_channels == 8
     with pytest.raises(ValueError, match="SKConv"):
