@@ -23,6 +23,7 @@ from service.auth import AuthMiddleware, load_keys
 from service.device import resolve_device
 from service.observe import RequestMiddleware
 from service.repository import ConfigError, discover
+from service.runner import autocast_problem
 from service.settings import Settings
 from service.state import DRAIN_TIMEOUT_S, Services
 
@@ -62,8 +63,9 @@ def _device(settings: Settings) -> torch.device:
         device = resolve_device(settings.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if settings.autocast == "fp16" and device.type != "cuda":
-        raise ConfigError(f"autocast 'fp16' needs a CUDA device, but the device is {device}")
+    problem = autocast_problem(device, settings.autocast)
+    if problem is not None:
+        raise ConfigError(problem)
     return device
 
 

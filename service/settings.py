@@ -65,7 +65,14 @@ class Settings(BaseSettings):
         description='Extra randomly initialised models, "arch:block" entries.',
     )
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    autocast: Literal["none", "fp16", "bf16"] = "none"
+    autocast: Literal["none", "fp16", "bf16"] = Field(
+        default="none",
+        description="Run forwards under autocast: fp16 on CUDA; bf16 on CUDA or on a CPU with "
+        "native bf16 (avx512_bf16 or AMX), refused elsewhere. Autocast models run eagerly "
+        "(not traced). bf16 speeds up ResNet-50-class models on such CPUs but slows small "
+        "ones and moves a spatial transformer's answers, so it is off by default "
+        "(docs/performance.md).",
+    )
     channels_last: bool = False
     trace_models: bool = Field(
         default=True,

@@ -11,8 +11,11 @@ from torch import nn
 
 from models.package import load_package
 from models.training.data import heldout_canvases
+from service.app import _device
 from service.imaging import preprocess
+from service.repository import ConfigError
 from service.runner import ModelRunner, autocast_problem, cpu_has_bf16
+from service.settings import Settings
 
 CPU = torch.device("cpu")
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
@@ -76,3 +79,6 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.Monkey
         ModelRunner("d", _zoo_model("se"), device=CPU, autocast="bf16")
     assert autocast_problem(CPU, "none") is None
     assert "CUDA" in (autocast_problem(CPU, "fp16") or "")
+    for autocast in ("bf16", "fp16"):  # the server refuses to start, before loading any model
+        with pytest.raises(ConfigError, match=autocast):
+            _device(Settings(models=[], device="cpu", autocast=autocast))
