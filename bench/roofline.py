@@ -333,8 +333,8 @@ def gemm_rate(
     count, t0, c0 = 0, time.perf_counter(), time.process_time()
     while count < 2 or time.perf_counter() - t0 < budget_s:
         torch.mm(a, b, out=out)
+        _sync(device)  # else CUDA queues far more products than the budget allows
         count += 1
-    _sync(device)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     flops = 2.0 * n**3 * count
     return {"gflops": flops / wall / 1e9, "gflops_per_cpu_s": flops / max(cpu, 1e-9) / 1e9}
@@ -378,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median counts)")
     p.add_argument(
-        "--repeats", type=int, default=0, help="forwards per timing; 0: 3 at batch 1, else 1"
+        "--repeats",
+        type=int,
+        default=0,
+        help="forwards per timing; 0: 20 on CUDA, else 3 at batch 1 and 1 above",
     )
     p.add_argument("--gemm-size", type=int, default=0, help="GEMM n; 0: 2048 on CPU, 8192 on CUDA")
     p.add_argument("--gemm-seconds", type=float, default=1.0, help="per GEMM and round")
@@ -576,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 views = inputs[name]
                 batch = views[:1].repeat(size, 1, 1, 1) if size > views.shape[0] else views[:size]
-                repeats = args.repeats or (3 if size == 1 else 1)
+                repeats = args.repeats or (20 if device.type == "cuda" else 3 if size == 1 else 1)
                 row = time_forward(forwards[(name, variant_name)], batch, repeats)
                 results["forward"].setdefault(f"{name}|{variant_name}|{size}", []).append(row)
         gemm = {p: round(r[-1]["gflops"], 1) for p, r in results["gemm"].items()}
