@@ -157,8 +157,8 @@ class Settings(BaseSettings):
         "readiness tells the rest).",
     )
     log_format: Literal["text", "json"] = Field(
-        default="text", description="json: one JSON object a line, with an access log line "
-        "per request."
+        default="text",
+        description="json: one JSON object a line, with an access log line per request.",
     )
     cors_origins: CommaList = Field(
         default_factory=list,
