@@ -3,6 +3,7 @@ one with a context mask, one without attention), shared by the viewer, CLI and c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,12 +40,13 @@ def zoo_env() -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def zoo_server(zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m service serve` on a free loopback port; its base URL once ready."""
+@contextlib.contextmanager
+def running_server(env_settings: dict[str, str], folder: Path) -> Iterator[str]:
+    """`python -m service serve` with these ATTNSERVE_* settings on a free loopback port (its
+    log in `folder`); its base URL once ready; stopped on exit."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")} | zoo_env
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")} | env_settings
+    log_path = folder / "server.log"
     command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -70,6 +72,13 @@ def zoo_server(zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def zoo_server(zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m service serve` on a free loopback port; its base URL once ready."""
+    with running_server(zoo_env, tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ under test-artifacts/viewer/ (not committed)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT, ZOO_MODELS
+from conftest import EXAMPLES, ROOT, ZOO_MODELS, running_server
 from PIL import Image
 
 from service.overlay import lut
@@ -188,42 +189,16 @@ def keyed_server(
     zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """A server that needs an API key: (its URL, the key)."""
-    import hashlib
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
     key = "viewer-test-key-1234567890"
     folder = tmp_path_factory.mktemp("keyed")
     (folder / "keys").write_text(hashlib.sha256(key.encode()).hexdigest() + " infer\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")} | zoo_env
-    env |= {"ATTNSERVE_API_KEYS_FILE": str(folder / "keys"), "ATTNSERVE_GRPC_PORT": "0"}
-    env["ATTNSERVE_MODELS"] = "digits-cbam"
-    log = (folder / "server.log").open("wb")
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, (folder / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "keyed server not ready"
-            time.sleep(0.2)
+    settings = zoo_env | {
+        "ATTNSERVE_API_KEYS_FILE": str(folder / "keys"),
+        "ATTNSERVE_MODELS": "digits-cbam",
+        "ATTNSERVE_GRPC_PORT": "0",
+    }
+    with running_server(settings, folder) as url:
         yield url, key
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 def test_viewer_asks_for_the_key_when_the_server_needs_one(
