@@ -7,12 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from serverproc import free_port, server_env
+from serverproc import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -27,29 +25,12 @@ CHECKS = (
 )
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "server exited during start-up"
-        try:
-            with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"server not ready after {timeout}s")
-
-
 def test_schemathesis_finds_nothing(model_repository: Path, tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = server_env(model_repository, models="tiny-se,tiny-gc", cpu_threads="2")
-    log = (tmp_path / "server.log").open("wb")
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url, server = start_server(
+        model_repository, tmp_path / "server.log", models="tiny-se,tiny-gc", cpu_threads="2"
+    )
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         fuzz = subprocess.run(
             [
                 *(sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json"),
@@ -67,7 +48,7 @@ def test_schemathesis_finds_nothing(model_repository: Path, tmp_path: Path) -> N
     finally:
         server.terminate()
         server.wait(60)
-        log.close()
+        stop_server(server)
     report = fuzz.stdout[-6000:]
     assert fuzz.returncode == 0, report
     tested = re.search(r"Tested: (\d+)", report)
