@@ -239,7 +239,7 @@ class ModelRegistry:
             hosted.name,
             model,
             device=worker.device,
-            autocast=settings.autocast,
+            autocast=own.autocast or settings.autocast,
             channels_last=settings.channels_last,
             trace=settings.trace_models,
         )

@@ -2,7 +2,9 @@
 model-config shape, so that a Triton repository habit carries over unchanged.
 
 Read are the version policy, `max_batch_size`, `dynamic_batching` (queue delay, queue size,
-default timeout) and `instance_group` counts; an unset knob falls back to the service settings.
+default timeout), `instance_group` counts and the `autocast` parameter (the model's own
+ATTNSERVE_AUTOCAST, in Triton's `parameters` shape); an unset knob falls back to the service
+settings.
 Any other key is refused with the list of the known ones, so a typo never passes silently.
 """
 
@@ -13,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "ModelConfig", "config_from_json", "read_config"]
+__all__ = ["AUTOCAST_VALUES", "CONFIG_FILE", "ModelConfig", "config_from_json", "read_config"]
 
 CONFIG_FILE = "config.json"
 _KEYS = ("name", "platform", "backend", "version_policy", "max_batch_size", "dynamic_batching",
-         "instance_group")  # fmt: skip
+         "instance_group", "parameters")  # fmt: skip
 _BATCHING_KEYS = ("max_queue_delay_microseconds", "default_queue_policy", "preferred_batch_size")
 _QUEUE_KEYS = ("max_queue_size", "default_timeout_microseconds")
+# The model's config endpoint lists arch and attention as parameters: accepted back, not used.
+_PARAMETERS = ("autocast", "arch", "attention")
+AUTOCAST_VALUES = ("none", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class ModelConfig:
     max_queue_size: int | None = None
     timeout_s: float | None = None
     instances: int | None = None
+    autocast: str | None = None
 
     def select(self, available: list[int]) -> list[int]:
         """The versions this policy serves out of those in the repository, highest first."""
@@ -92,7 +98,23 @@ def config_from_json(text: str, name: str) -> ModelConfig:
         max_queue_size=_number(queue, "max_queue_size", 1, 100_000),
         timeout_s=None if timeout_us is None else timeout_us / 1e6,
         instances=_instances(data.get("instance_group")),
+        autocast=_autocast(data.get("parameters", {})),
     )
+
+
+def _autocast(parameters: Any) -> str | None:
+    """The `autocast` parameter ({"string_value": "bf16"}), None when unset."""
+    _check_keys(parameters, _PARAMETERS, "parameters")
+    if "autocast" not in parameters:
+        return None
+    entry = parameters["autocast"]
+    value = entry.get("string_value") if isinstance(entry, dict) and len(entry) == 1 else None
+    if value not in AUTOCAST_VALUES:
+        raise ValueError(
+            f'parameters.autocast must be {{"string_value": one of {list(AUTOCAST_VALUES)}}}, '
+            f"got {entry!r}"
+        )
+    return str(value)
 
 
 def _check_keys(data: Any, known: tuple[str, ...], where: str) -> None:

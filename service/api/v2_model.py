@@ -130,7 +130,10 @@ def model_config(hosted: HostedModel, settings: Settings) -> dict[str, Any]:
                 "count": instances,
             }
         ],
-        "parameters": {k: {"string_value": v} for k, v in meta["parameters"].items()},
+        "parameters": {
+            **{k: {"string_value": v} for k, v in meta["parameters"].items()},
+            "autocast": {"string_value": own.autocast or settings.autocast},
+        },
     }
 
 
