@@ -25,6 +25,7 @@ from service.metrics import Metrics
 from service.model_config import ModelConfig, config_from_json
 from service.repository import ModelDir, ModelSource, scan_repository
 from service.settings import Settings
+from service.tuning import settle_gc
 
 __all__ = ["ModelControl", "index_state"]
 
@@ -78,6 +79,7 @@ class ModelControl:
         """Load the versions chosen at start; in poll mode, then rescan for ever."""
         async with self._lock:
             await self.registry.load_all(self._worker, self._pool, self._settings, self._metrics)
+            self._settle()
         if self._settings.model_control_mode == "poll":
             while True:
                 await asyncio.sleep(self._settings.repository_poll_s)
@@ -191,9 +193,16 @@ class ModelControl:
             if version not in numbers and (all_ready or hosted.status != "ready"):
                 replaced.append(hosted)
         await self._retire(replaced)
+        self._settle()
 
     async def _unload(self, name: str) -> None:
         await self._retire(list(self.registry.versions.get(name, {}).values()))
+        self._settle()
+
+    def _settle(self) -> None:
+        """The garbage collector after a load or unload (`service.tuning.settle_gc`)."""
+        if self._settings.gc_freeze:
+            settle_gc()
 
     async def _retire(self, hosted: list[HostedModel]) -> None:
         timeout = self._drain_timeout_s

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         description="On the CPU with glibc, keep freed activation buffers mapped for the next "
         "batch instead of faulting them in again on every forward (service.tuning).",
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="After the models load, move the objects alive then out of the garbage "
+        "collector's reach and collect the young generation less often (service.tuning).",
+    )
     opentelemetry: bool = Field(
         default=False,
         description="FastAPI's own OpenTelemetry spans, metrics and logs, for an OpenTelemetry "
