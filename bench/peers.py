@@ -216,8 +216,29 @@ def table(runs: dict[str, list[dict]], models: list[str], concurrencies: list[in
     return lines
 
 
+def autogroup_warning() -> str | None:
+    """A warning when the scheduler shares the CPU between sessions first (autogroups) and
+    this session's group has no more weight than any other: another session's nice-19 job
+    then takes an equal share from the benchmark (docs/performance.md)."""
+    try:
+        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+        nice = int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not enabled or nice < 0:
+        return None
+    return (
+        "warning: scheduler autogroups are on and this session's group has nice "
+        f"{nice}: other sessions' work, nice 19 included, shares the CPU equally with this "
+        "run. Run it as setsid sh -c 'echo -20 > /proc/self/autogroup; exec ...'"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warning = autogroup_warning()
+    if warning:
+        print(warning, flush=True)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     specs = [s for s in args.servers.split(",") if s]
     for spec in specs:
