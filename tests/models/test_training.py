@@ -161,9 +161,17 @@ def test_trainer_writes_a_package_the_service_can_host(tmp_path: Path) -> None:
     }
 
 
-def test_training_is_deterministic() -> None:
+@pytest.mark.parametrize("block", ["eca", "stn"])
+def test_training_is_deterministic(block: str) -> None:
     data = d.digits_training_data(seed=2, limit=64)
-    config = TrainConfig(attention="eca", epochs=1, batch_size=32, max_batches=2, seed=2)
+    config = TrainConfig(
+        attention=block,
+        epochs=1,
+        batch_size=32,
+        max_batches=2,
+        seed=2,
+        model_kwargs=commands.zoo_model_kwargs(block),
+    )
     first = train_model(config, data, progress=False).model.state_dict()
     second = train_model(config, data, progress=False).model.state_dict()
     for key, value in first.items():
@@ -183,12 +191,14 @@ def _host(root: Path, name: str) -> torch.nn.Module:
 def test_train_and_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "digits-se"
     argv = ["train", "--attention", "se", "--epochs", "1", "--limit", "64", "--max-batches", "2"]
-    assert (
-        _cli(*argv, "--batch-size", "32", "--out", str(out), "--no-progress", "--threads", "1") == 0
-    )
+    argv += ["--val-per-class", "5", "--batch-size", "32", "--out", str(out), "--no-progress"]
+    assert _cli(*argv, "--threads", "1") == 0
     _, card = load_package(out)
     assert (card.name, card.attention, card.arch) == ("digits-se", "se", "resnet_small")
     assert card.metrics["samples"] == 1000 and "summary" in card.metrics
+    validation = card.metrics["validation"]
+    assert validation["recipe"] == "8x8" and validation["samples"] == 50
+    assert card.training["validation_digits"] == 50
     assert card.training["batch_size"] == 32 and card.training["torch"] == torch.__version__
     capsys.readouterr()
     assert _cli("evaluate", str(out), "--limit", "30", "--json", "--threads", "1") == 0
@@ -283,6 +293,19 @@ def test_training_varies_the_recipe_and_never_draws_an_evaluated_one(digits: d.D
     sides = canvases.boxes[:, 2] - canvases.boxes[:, 0]
     assert sides.min() < 25 and sides.max() > 31  # the digit's scale varies, its box with it
     assert (sides == canvases.boxes[:, 3] - canvases.boxes[:, 1]).all()
+
+
+def test_validation_canvases_use_only_validation_digits(digits: d.Digits) -> None:
+    canvases = d.validation_canvases(per_class=5)
+    np.testing.assert_array_equal(canvases.images, d.validation_canvases(per_class=5).images)
+    assert len(canvases) == 50 and np.bincount(canvases.labels).tolist() == [5] * 10
+    _, val = d.split_validation(d.split_digits(digits)[0], 5)
+    for image, label, box in zip(canvases.images, canvases.labels, canvases.boxes, strict=True):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        crop = image[y0:y1, x0:x1]  # the digit, max-composited over clutter
+        assert any((crop >= v).all() for v in val.images[val.labels == label])
+    heldout = d.heldout_canvases()
+    assert not {r.tobytes() for r in canvases.images} & {r.tobytes() for r in heldout.images}
 
 
 def test_grid_recipes_are_fixed_and_differ_from_the_heldout_set() -> None:
