@@ -263,7 +263,8 @@ class Batcher(Generic[T, R]):
         now = time.monotonic()
         earliest = math.inf
         probe, refused = self._probe, False
-        while self._queue and len(batch) < self.max_batch_size:
+        limit = self._fair_share(len(batch))
+        while self._queue and len(batch) < limit:
             newest_first = self._overloaded()
             item = self._queue.pop() if newest_first else self._queue.popleft()
             if item.future.done():
@@ -285,6 +286,17 @@ class Batcher(Generic[T, R]):
             earliest = min(earliest, left)
             batch.append(item)
         self._probe = refused and not batch
+
+    def _fair_share(self, collected: int) -> int:
+        """The batch cap: the queued, running and `collected` items spread evenly over the
+        batch slots (at most `max_batch_size`). A slot that frees up while the others are busy
+        would otherwise take the whole queue into one long batch, whose items then make the
+        latency tail while the other slots serve the few left (docs/performance.md, "Beside
+        LitServe and TorchServe")."""
+        running = sum(len(batch) for batch in self._running.values())
+        waiting = len(self._queue) + collected + running
+        share = math.ceil(waiting / self.max_concurrent_batches)
+        return max(1, min(self.max_batch_size, share))
 
     def _overloaded(self) -> bool:
         """Whether the newest queued item would miss its deadline behind the backlog. Then

@@ -332,6 +332,29 @@ async def test_concurrent_batches_up_to_the_slot_count(make) -> None:
     assert handler.batches == [[0], [1], [2, 3], [4]]
 
 
+async def test_a_free_slot_takes_its_fair_share_of_the_queue(make) -> None:
+    """A slot that frees up while the other is busy takes half of what is queued and running,
+    not the whole queue: one long batch would hold the slowest requests while the other slot
+    served the few left."""
+    handler = Gates()
+    batcher = make(handler, max_batch_size=32, max_concurrent_batches=2)
+    tasks = [asyncio.create_task(batcher.submit(0))]
+    await until(lambda: len(handler.batches) == 1)
+    tasks.append(asyncio.create_task(batcher.submit(1)))
+    await until(lambda: len(handler.batches) == 2)
+    tasks += [asyncio.create_task(batcher.submit(i)) for i in range(2, 10)]
+    await until(lambda: batcher.queue_depth == 8)
+    handler.gates[0].set()  # 8 queued + 1 running over 2 slots: a share of 5
+    await until(lambda: len(handler.batches) == 3)
+    assert handler.batches[2] == [2, 3, 4, 5, 6] and batcher.queue_depth == 3
+    handler.gates[1].set()  # 3 queued + 5 running: a share of 4, so all 3 left
+    await until(lambda: len(handler.batches) == 4)
+    assert handler.batches[3] == [7, 8, 9]
+    for gate in handler.gates:
+        gate.set()
+    assert await asyncio.gather(*tasks) == [10 * i for i in range(10)]
+
+
 async def test_stop_drains_every_running_batch(make) -> None:
     handler = Gates()
     batcher = make(handler, max_batch_size=1, max_concurrent_batches=2)
