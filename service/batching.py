@@ -1,7 +1,8 @@
 """Framework-free dynamic batcher: one bounded queue and one loop task per model.
 
 The loop waits for a free batch slot (one per device instance) and the first item, then takes
-everything queued up to `max_batch_size` at once, so a lone request never waits for a timer;
+what is queued at once, up to `max_batch_size` and the slot's fair share of the queued and
+running items, so a lone request never waits for a timer;
 `max_batch_delay_s > 0` opts into waiting (counted from the first item's arrival) for a fuller
 batch. Each item has its own future, so a failure, a deadline or a client that went away affects
 that item or that batch only. Imports neither torch nor FastAPI.
