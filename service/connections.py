@@ -5,6 +5,8 @@ accepts headers of any size and number, and answers malformed HTTP and its concu
 plain text. `GuardedHttpProtocol` adds a header timeout (from the start of the connection or of
 the request until the headers are complete), limits on the head's size and header count (431),
 and JSON bodies for those answers, for malformed HTTP (400) and past the connection cap (503).
+Each of these answers carries a request ID like every other: the client's valid X-Request-ID if
+its header was read, else a fresh one, in the `X-Request-ID` header, the body and the log line.
 The body timeout is enforced where the body is read (`service.api.inputs.read_body`, 408).
 `uvicorn_options(settings)` is everything uvicorn.Config needs from the settings.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, ClassVar
 
 import orjson
@@ -21,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.api.handlers import respond
+from service.observe import REQUEST_ID_HEADER, assign_request_id, client_request_id
 from service.settings import Settings
 
 __all__ = ["GuardedHttpProtocol", "uvicorn_options"]
@@ -33,15 +37,20 @@ class _Refused(Exception):
 
 
 def error_bytes(
-    status: int, error: str, detail: str, default_headers: list[tuple[bytes, bytes]]
+    status: int,
+    error: str,
+    detail: str,
+    default_headers: list[tuple[bytes, bytes]],
+    request_id: str,
 ) -> bytes:
     """A complete `Connection: close` HTTP/1.1 answer with the JSON error body."""
-    body = orjson.dumps({"error": error, "detail": detail})
+    body = orjson.dumps({"error": error, "detail": detail, "request_id": request_id})
     head = [STATUS_LINE[status]]
     for name, value in default_headers:
         head.extend([name, b": ", value, b"\r\n"])
     head.extend(
         [
+            REQUEST_ID_HEADER.encode() + b": " + request_id.encode() + b"\r\n",
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
             b"connection: close\r\n\r\n",
@@ -78,6 +87,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.parsed_in_chunk = 0  # bytes of earlier heads and bodies in the data being parsed
         self.head_size = 0  # exact size of the parsed request line and headers
         self.header_count = 0
+        self.request_id: str | None = None  # the current head's valid X-Request-ID, once read
         self.refusal: tuple[int, str, str] | None = None  # the answer a callback asked for
 
     # Connection lifetime
@@ -112,6 +122,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.in_head = self.head_begun = self.began_in_chunk = True
         self.head_raw = self.head_size = self.header_count = 0
+        self.request_id = None
         self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
@@ -123,6 +134,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
         self.header_count += 1
+        if name.lower() == REQUEST_ID_HEADER.encode():
+            self.request_id = client_request_id(value)
         if self.header_count > self.max_header_count:
             self._refuse(431, "headers_too_large", f"more than {self.max_header_count} headers")
         if self.head_size > self.max_header_bytes:
@@ -179,14 +192,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         raise _Refused(detail)
 
     def _answer(self, status: int, error: str, detail: str) -> None:
-        """Write the JSON error (unless another answer is being written) and close."""
+        """Write the JSON error (unless another answer is being written), log it, and close."""
         self._cancel_head_timer()
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(
-                error_bytes(status, error, detail, self.server_state.default_headers)
-            )
+            request_id = self.request_id or uuid.uuid4().hex
+            logger.info("connection answered %d %s: %s id=%s", status, error, detail, request_id)
+            headers = self.server_state.default_headers
+            self.transport.write(error_bytes(status, error, detail, headers, request_id))
         self.transport.close()
 
     def _arm_head_timer(self) -> None:
@@ -212,12 +226,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 async def _over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
     """The 503 past the connection cap, as JSON in the shape of the request's API."""
+    request_id = assign_request_id(scope)
     response = respond(
         Request(scope),
         503,
         "too_many_connections",
         "the server holds as many connections as it accepts; retry later",
-        {"Retry-After": "1", "Connection": "close"},
+        {"Retry-After": "1", "Connection": "close", REQUEST_ID_HEADER: request_id},
     )
     await response(scope, receive, send)
 

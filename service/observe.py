@@ -30,6 +30,8 @@ __all__ = [
     "JsonFormatter",
     "RequestContext",
     "RequestMiddleware",
+    "assign_request_id",
+    "client_request_id",
     "configure_logging",
     "current_request",
     "request_id_of",
@@ -138,8 +140,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        request_id = _request_id(scope)
-        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        request_id = assign_request_id(scope)
         context = RequestContext(request_id, started, started + self.timeout_s)
         token = _current.set(context)
         status, sent = 500, 0
@@ -219,15 +220,22 @@ def _tracer() -> Any:
     return trace.get_tracer("attnserve")
 
 
-def _request_id(scope: Scope) -> str:
-    """The client's X-Request-ID if it is 1-128 safe characters, else a fresh random one."""
+def client_request_id(value: bytes) -> str | None:
+    """An X-Request-ID header's value if it is 1-128 safe characters, else None."""
+    text = value.decode("latin-1")
+    return text if _VALID_ID.fullmatch(text) else None
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The request's ID, kept in its scope: the client's valid X-Request-ID, else a fresh one."""
+    request_id = None
     for key, value in scope.get("headers", []):
         if key == REQUEST_ID_HEADER.encode():
-            text = value.decode("latin-1")
-            if _VALID_ID.fullmatch(text):
-                return text
+            request_id = client_request_id(value)
             break
-    return uuid.uuid4().hex
+    request_id = request_id or uuid.uuid4().hex
+    scope[REQUEST_ID_SCOPE_KEY] = request_id
+    return request_id
 
 
 class JsonFormatter(logging.Formatter):

@@ -54,7 +54,9 @@ def address(url: str) -> tuple[str, int]:
 
 
 def exchange(url: str, data: bytes) -> tuple[int, dict]:
-    """Send raw bytes, read until the server closes; the status and JSON body of the answer."""
+    """Send raw bytes, read until the server closes; the status and JSON body of the answer,
+    which must carry its request ID in the X-Request-ID header and (but on /v2, whose error
+    object is {"error"} alone) in the body."""
     with socket.create_connection(address(url), timeout=30) as sock:
         sock.sendall(data)
         answer = b""
@@ -62,7 +64,13 @@ def exchange(url: str, data: bytes) -> tuple[int, dict]:
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), answer[:300]
-    return int(head.split(b" ", 2)[1]), json.loads(body)
+    decoded = json.loads(body)
+    lines = head.decode("latin-1").split("\r\n")
+    (request_id,) = [
+        v.strip() for k, _, v in (x.partition(":") for x in lines) if k.lower() == "x-request-id"
+    ]
+    assert request_id and decoded.get("request_id", request_id) == request_id, head
+    return int(head.split(b" ", 2)[1]), decoded
 
 
 async def slow_client(url: str, kind: str, image: bytes) -> tuple[str, float, bytes]:
@@ -152,6 +160,17 @@ def test_malformed_http_gets_json_400(
     assert body["error"] == "bad_request" and "malformed HTTP" in body["detail"]
 
 
+def test_a_refused_head_echoes_the_clients_request_id(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """A head refused after its X-Request-ID was read answers with that ID."""
+    data = b"GET /health/live HTTP/1.1\r\nHost: test\r\nX-Request-ID: trace-42\r\n"
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(60))
+    status, body = exchange(server[0], data + many + b"\r\n")
+    assert status == 431
+    assert body["request_id"] == "trace-42"
+
+
 @pytest.mark.parametrize(
     ("headers", "unfinished"),
     [
@@ -193,6 +212,7 @@ def test_connections_past_the_cap_get_json_503(model_repository: Path, tmp_path:
                 status, body = exchange(url, request)
                 assert status == 503
                 assert isinstance(body["error"], str)
+                assert path.startswith("/v2") or body["request_id"]
         finally:
             for sock in held:
                 sock.close()
