@@ -89,9 +89,10 @@ def result_cost(
 
 def check_budget(
     costs: list[ResultCost], images: int, *, max_cells: int, max_answer_bytes: int
-) -> None:
+) -> int:
     """413 when `images` images through results costing `costs` (one per model) exceed the
-    work budget or the answer-size budget; the detail gives both figures and the formula."""
+    work budget or the answer-size budget; the detail gives both figures and the formula.
+    Returns the answer's size bound."""
     cells = images * sum(c.cells for c in costs)
     if cells > max_cells:
         raise PayloadTooLarge(
@@ -106,3 +107,4 @@ def check_budget(
             f"{max_answer_bytes} bytes. Hint: ask for fewer images or models, a smaller "
             "map_size, a lower maps level, or map_format=png."
         )
+    return size

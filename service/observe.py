@@ -62,6 +62,7 @@ class RequestContext:
     stages: list[tuple[str, float, float]] = field(default_factory=list)
     queue_wait_s: float = 0.0
     batch_size: int = 0
+    answer_bytes: int | None = None  # the budget's bound on the answer's size, once checked
     first_enqueued: float = 0.0  # inputs ready: the first item queued
     last_answered: float = 0.0  # results back: the last item's batch done
 

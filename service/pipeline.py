@@ -1,9 +1,10 @@
 """The one prediction pipeline: encoded images or model-ready tensors in, numbers out.
 
-decode + preprocess + map plan (CPU pool) -> the model's batcher -> a device thread: forward with
-capture and the batch's maps (`service.forward`) -> one `ImageResult` per image, in request
-order. Every protocol adapter parses its request into a call here and encodes what comes back
-(in the CPU pool too, through `offload`). Nothing here knows HTTP.
+decode + preprocess + map plan (CPU pool; a small image on the loop) -> the model's batcher -> a
+device thread: forward with capture and the batch's maps (`service.forward`) -> one `ImageResult`
+per image, in request order. Every protocol adapter parses its request into a call here and
+encodes what comes back (through `encode`: in the CPU pool too, or on the loop when the answer is
+small). Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from service.hosting import HostedModel
 from service.imaging import prepare
 from service.maps import MapPlan, MapRequest
 from service.observe import current_request, stage
+from service.tuning import INLINE_MAX_PIXELS
 
 __all__ = ["Pipeline", "check_count", "gather_all", "prepare_items", "tensor_items"]
 
@@ -34,7 +36,10 @@ V = TypeVar("V")
 
 
 class Pipeline:
-    """Runs requests through hosted models, with the CPU work in `pool`."""
+    """Runs requests through hosted models, with the CPU work in `pool`. Work of at most
+    `inline_max_bytes` (an image of at most `INLINE_MAX_PIXELS`, a model-ready tensor, an
+    answer's size bound) runs on the event loop instead: the hand-off costs more (service.tuning).
+    """
 
     def __init__(
         self,
@@ -45,6 +50,7 @@ class Pipeline:
         request_timeout_s: float,
         max_map_cells: int = 1 << 62,
         max_answer_bytes: int = 1 << 62,
+        inline_max_bytes: int = 0,
     ) -> None:
         self._pool = pool
         self.max_image_pixels = max_image_pixels
@@ -52,6 +58,7 @@ class Pipeline:
         self.request_timeout_s = request_timeout_s
         self.max_map_cells = max_map_cells
         self.max_answer_bytes = max_answer_bytes
+        self.inline_max_bytes = inline_max_bytes
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -80,11 +87,14 @@ class Pipeline:
     def check_budget(self, costs: list[ResultCost], images: int, noun: str = "images") -> None:
         """400/413 before any work: the image count (`check_count`), then `images` images
         through results costing `costs` (one per model) against the request budgets
-        (`service.budget`)."""
+        (`service.budget`). The answer's size bound is kept on the request for `encode`."""
         check_count(images, self.max_images, noun)
-        check_budget(
+        answer_bytes = check_budget(
             costs, images, max_cells=self.max_map_cells, max_answer_bytes=self.max_answer_bytes
         )
+        request = current_request()
+        if request is not None:
+            request.answer_bytes = answer_bytes
 
     def remaining(self) -> float:
         """Seconds left to the running request: its deadline, set when it arrived (the whole
@@ -94,12 +104,14 @@ class Pipeline:
             return self.request_timeout_s
         return request.deadline - time.monotonic()
 
-    async def offload(self, fn: Callable[..., V], *args: Any) -> V:
-        """`fn(*args)` in the CPU pool (decoding, encoding): off the event loop, and within the
-        request's deadline (504 past it)."""
+    async def offload(self, fn: Callable[..., V], *args: Any, inline: bool = False) -> V:
+        """`fn(*args)` (decoding, encoding) within the request's deadline (504 past it): in the
+        CPU pool, off the event loop, or here on the loop when `inline` (small work)."""
         remaining = self.remaining()
         if remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before its answer was ready")
+        if inline:
+            return fn(*args)
         try:
             async with asyncio.timeout(remaining):
                 return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -109,9 +121,16 @@ class Pipeline:
             ) from None
 
     async def encode(self, fn: Callable[..., V], *args: Any) -> V:
-        """An adapter's answer encoding, `fn(*args)`, offloaded and timed as the encode stage."""
+        """An adapter's answer encoding, `fn(*args)`, timed as the encode stage: on the loop when
+        the request's answer bound (`check_budget`) is small, else in the pool."""
+        request = current_request()
+        bound = None if request is None else request.answer_bytes
         with stage("encode"):
-            return await self.offload(fn, *args)
+            return await self.offload(fn, *args, inline=self._small(bound))
+
+    def _small(self, size: int | None) -> bool:
+        """Whether work of `size` bytes runs on the loop (None: unknown, so not)."""
+        return size is not None and size <= self.inline_max_bytes
 
     async def predict(
         self, hosted: HostedModel, images: list[bytes], maps: MapRequest
@@ -121,7 +140,7 @@ class Pipeline:
         config = hosted.data_config
         several = len(images) > 1
         prepared = await gather_all(
-            self._prepare(data, [config], maps, f"image {i}" if several else "")
+            self.prepare(data, [config], maps, f"image {i}" if several else "")
             for i, data in enumerate(images)
         )
         return await gather_all(self._submit(hosted, item) for (item,) in prepared)
@@ -133,28 +152,36 @@ class Pipeline:
         model expects, or UINT8 pixels normalised here with the model's data config."""
         check_count(batch.shape[0], self.max_images)
         with stage("decode"):
-            items = await self.offload(tensor_items, batch, hosted.data_config, maps)
+            small = self._small(batch.nbytes)
+            items = await self.offload(tensor_items, batch, hosted.data_config, maps, inline=small)
         return await gather_all(self._submit(hosted, item) for item in items)
 
     async def compare(
         self, models: list[HostedModel], image: bytes, maps: MapRequest
     ) -> list[ImageResult]:
         """One encoded image through several models (decoded once), one result per model."""
-        items = await self._prepare(image, [m.data_config for m in models], maps, "")
+        items = await self.prepare(image, [m.data_config for m in models], maps)
         return await gather_all(
             self._submit(hosted, item) for hosted, item in zip(models, items, strict=True)
         )
 
-    async def _prepare(
-        self, data: bytes, configs: list[DataConfig], maps: MapRequest, label: str
+    async def prepare(
+        self, data: bytes, configs: list[DataConfig], maps: MapRequest, label: str = ""
     ) -> list[Item]:
-        """Decode and preprocess in the pool; errors name the image when there are several."""
-        work = functools.partial(
-            prepare_items, data, configs, maps, max_pixels=self.max_image_pixels
-        )
+        """One image as an item per data config, decoded once: on the loop when it is small (one
+        that declares more pixels is refused there before decoding), else in the pool. Errors
+        name the image by `label` when a request has several."""
+
+        def work(max_pixels: int) -> Callable[[], list[Item]]:
+            return functools.partial(prepare_items, data, configs, maps, max_pixels=max_pixels)
+
         try:
             with stage("decode"):
-                return await self.offload(work)
+                if self._small(len(data)):
+                    with contextlib.suppress(PayloadTooLarge):
+                        small = min(INLINE_MAX_PIXELS, self.max_image_pixels)
+                        return await self.offload(work(small), inline=True)
+                return await self.offload(work(self.max_image_pixels))
         except (InvalidImage, PayloadTooLarge) as exc:
             if not label:
                 raise

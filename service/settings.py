@@ -124,6 +124,14 @@ class Settings(BaseSettings):
         description="On the CPU with glibc, keep freed activation buffers mapped for the next "
         "batch instead of faulting them in again on every forward (service.tuning).",
     )
+    inline_max_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        le=16 * MIB,
+        description="Decode and encode on the event loop itself when the image (at most "
+        "256x256 pixels) or the answer's size bound is at most this many bytes; larger work "
+        "goes to the CPU pool. 0: always the pool (service.tuning).",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="After the models load, move the objects alive then out of the garbage "

@@ -68,6 +68,7 @@ class Services:
             request_timeout_s=self.settings.request_timeout_s,
             max_map_cells=self.settings.max_map_cells,
             max_answer_bytes=self.settings.max_response_bytes,
+            inline_max_bytes=self.settings.inline_max_bytes,
         )
         self.accepting = True
         self.control = ModelControl(

@@ -5,6 +5,11 @@ otherwise unmaps each multi-megabyte activation buffer when it is freed, so ever
 faults its pages in again. Keeping them cut the server's CPU per request by more than 10 % at
 c=64 (docs/performance.md, "glibc malloc keeps freed activation buffers").
 
+`inline_max_bytes` (ATTNSERVE_INLINE_MAX_BYTES, 64 KiB by default): the pipeline decodes a small
+image and encodes a small answer on the event loop instead of handing them to a CPU pool thread,
+whose hand-off costs the loop more than such work does (docs/performance.md, "Small work on the
+event loop"). `INLINE_MAX_PIXELS` bounds the images it decodes there.
+
 `settle_gc` (ATTNSERVE_GC_FREEZE, on by default): once the models are loaded, the garbage
 collector stops walking the long-lived objects of torch, the models and the web stack on the
 request path (docs/performance.md, "The garbage collector after loading").
@@ -17,7 +22,7 @@ import ctypes.util
 import gc
 import logging
 
-__all__ = ["YOUNG_GC_THRESHOLD", "keep_freed_memory", "settle_gc"]
+__all__ = ["INLINE_MAX_PIXELS", "YOUNG_GC_THRESHOLD", "keep_freed_memory", "settle_gc"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,10 @@ def keep_freed_memory() -> bool:
         return False
     return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
 
+
+INLINE_MAX_PIXELS = 256 * 256
+"""The largest image decoded on the event loop (a larger one is refused there before any pixel
+is decoded, and goes to the CPU pool)."""
 
 YOUNG_GC_THRESHOLD = 10_000
 """Net allocations between young-generation collections (Python's default, 700, runs one every

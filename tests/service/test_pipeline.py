@@ -1,15 +1,26 @@
-"""The request flow's asyncio helpers: the disconnect watch and gather_all."""
+"""The request flow's asyncio helpers (the disconnect watch, gather_all), and where the pipeline
+runs its CPU work: small work on the event loop, the rest in the CPU pool."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from models import DataConfig
 from service.api.requests import until_disconnect
-from service.errors import ClientDisconnected
-from service.pipeline import gather_all
+from service.budget import ResultCost
+from service.errors import ClientDisconnected, PayloadTooLarge
+from service.maps import MapRequest
+from service.observe import request_scope
+from service.pipeline import Pipeline, gather_all, prepare_items
 
 
 class Receive:
@@ -113,3 +124,92 @@ async def test_gather_all_cancels_the_others_on_the_first_failure() -> None:
     await asyncio.sleep(0)
     assert cancelled.is_set()
     assert await gather_all([asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)]) == [1, 2]
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real one-thread pool that counts the work handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.calls = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.calls += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+CONFIG = DataConfig(input_size=(1, 64, 64), mean=(0.5,), std=(0.25,))
+MAPS = MapRequest("summary", 16)
+
+
+def noisy_png(width: int, height: int) -> bytes:
+    """A grey PNG of random pixels (seeded): a few KB at 64x64."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A one-colour PNG: few bytes, many pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("image", "inline_max_bytes", "pool_calls"),
+    [
+        (noisy_png(64, 64), 64 * 1024, 0),  # small in bytes and pixels: on the loop
+        (noisy_png(64, 64), 0, 1),  # inline work turned off
+        (noisy_png(64, 64), 1024, 1),  # more bytes than the setting allows
+        (flat_png(300, 300), 64 * 1024, 1),  # few bytes, more pixels than INLINE_MAX_PIXELS
+    ],
+)
+async def test_the_pipeline_decodes_small_images_on_the_loop_and_the_rest_in_the_pool(
+    image: bytes, inline_max_bytes: int, pool_calls: int
+) -> None:
+    pool = CountingPool()
+    pipeline = Pipeline(
+        pool,
+        max_image_pixels=10**6,
+        max_images=4,
+        request_timeout_s=10,
+        inline_max_bytes=inline_max_bytes,
+    )
+    with pool:
+        items = await pipeline.prepare(image, [CONFIG], MAPS)
+    assert pool.calls == pool_calls
+    (expected,) = prepare_items(image, [CONFIG], MAPS, max_pixels=10**6)
+    assert torch.equal(items[0].tensor, expected.tensor)
+    assert items[0].geometry == expected.geometry
+
+
+async def test_an_image_over_the_pixel_limit_is_refused_with_the_limit_not_the_inline_bound() -> (
+    None
+):
+    pool = CountingPool()
+    pipeline = Pipeline(
+        pool,
+        max_image_pixels=200 * 200,
+        max_images=4,
+        request_timeout_s=10,
+        inline_max_bytes=1 << 16,
+    )
+    with pool, pytest.raises(PayloadTooLarge, match="limit of 40000"):
+        await pipeline.prepare(flat_png(300, 300), [CONFIG], MAPS)
+    assert pool.calls == 1  # refused on the loop by the inline bound, then by the limit
+
+
+@pytest.mark.parametrize(("answer_bytes", "pool_calls"), [(40_000, 0), (200_000, 1)])
+async def test_the_pipeline_encodes_an_answer_on_the_loop_when_its_size_bound_is_small(
+    answer_bytes: int, pool_calls: int
+) -> None:
+    pool = CountingPool()
+    pipeline = Pipeline(
+        pool, max_image_pixels=10**6, max_images=4, request_timeout_s=10, inline_max_bytes=1 << 16
+    )
+    with pool, request_scope(10.0):
+        pipeline.check_budget([ResultCost(cells=10, answer_bytes=answer_bytes)], images=1)
+        assert await pipeline.encode(str.upper, "answer") == "ANSWER"
+    assert pool.calls == pool_calls
