@@ -300,13 +300,17 @@ class Batcher(Generic[T, R]):
         return max(1, min(self.max_batch_size, share))
 
     def _overloaded(self) -> bool:
-        """Whether the newest queued item would miss its deadline behind the backlog. Then
-        the newest items go first (adaptive LIFO): they can still meet their deadlines, while
-        in arrival order every item would wait behind the backlog and expire."""
+        """Whether the newest queued item would miss its deadline behind the backlog: behind
+        as long as the oldest queued item has waited already, or as the recent batch times
+        say the queue takes, whichever is longer. Then the newest items go first (adaptive
+        LIFO): they can still meet their deadlines, while in arrival order every item would
+        wait until close to its deadline and many would expire."""
         newest = self._queue[-1]
         if newest.deadline is None:
             return False
-        return newest.deadline - time.monotonic() < self.expected_wait_s(len(self._queue))
+        now = time.monotonic()
+        waited = now - self._queue[0].enqueued
+        return newest.deadline - now < max(waited, self.expected_wait_s(len(self._queue)))
 
     def _drop_dead(self, batch: list[_Item]) -> None:
         """Drop items whose callers gave up (cancelled or past their deadline) while the batch

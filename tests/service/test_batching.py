@@ -448,3 +448,25 @@ async def test_newest_first_when_the_oldest_would_miss_its_deadline(make) -> Non
     await held
     await asyncio.gather(*queued, return_exceptions=True)
     assert handler.batches[2][0] == 3  # the newest went first
+
+
+async def test_newest_first_when_the_newest_has_less_time_left_than_the_oldest_has_waited(
+    make,
+) -> None:
+    """The recent batch times say the backlog clears in time (3 x 0.2 s for 0.7 s left), but
+    the oldest item has waited a full second already: in arrival order the newest would wait
+    as long, so it goes first."""
+    handler = Handler()
+    batcher = make(handler, max_batch_size=1)
+    for i in range(20):  # quick batches: the recent time of a batch of one is about 0
+        assert await batcher.submit(i) == i * 10
+    running = await handler.hold_first(batcher, 100)
+    oldest = asyncio.create_task(batcher.submit(1, timeout=30.0))
+    await asyncio.sleep(0.9)
+    newer = [asyncio.create_task(batcher.submit(i, timeout=0.8)) for i in (2, 3)]
+    await until(lambda: batcher.queue_depth == 3)
+    await asyncio.sleep(0.1)  # held for 1 s: a batch of one now averages about 0.2 s
+    handler.gate.set()
+    await running
+    await asyncio.gather(oldest, *newer, return_exceptions=True)
+    assert handler.batches[21] == [3]  # the newest went first
