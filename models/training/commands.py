@@ -38,7 +38,7 @@ from models.training.train import TrainConfig, accuracy, save_trained, train_mod
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 ZOO_RECIPE = TrainConfig(
     arch="resnet_small",
-    epochs=12,
+    epochs=24,
     batch_size=64,
     lr=4e-3,
     weight_decay=0.05,

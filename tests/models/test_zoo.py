@@ -29,19 +29,21 @@ from models.training.evaluate import evaluate_grid, evaluate_model
 SUBSET = 300
 UNSEEN = ClutterRecipe(12, 12)
 """The grid's most cluttered recipe: 12 pieces of 12x12."""
-MIN_ACCURACY = 0.95
-MIN_ACCURACY_STN = 0.93
-"""digits-stn misses the zoo's 0.95 (0.932 on the held-out set, see docs/models.md): this pins
-its recorded level so that a regression shows; the other blocks keep MIN_ACCURACY."""
+MIN_ACCURACY = 0.94
+"""Held-out accuracy of every package (recorded 0.946-0.974; docs/models.md)."""
+MIN_UNSEEN_ACCURACY = 0.72
+"""Recorded accuracy on the most cluttered grid recipe (0.738-0.823): the clutter-varied
+training holds there, where the single-recipe zoo fell to 0.575-0.737."""
 WIDE_MARGIN = 1.5
 SUMMARY_POINTS = {"se", "cbam", "gc", "coordatt", "sk"}
 """Blocks whose summary map points into the digit box >= 1.5x as often as a uniform map does
-(measured; ECA's derived map reaches only 1.7x on the full set, too close to claim on 300)."""
+(measured; ECA's derived map reaches only 1.8x on the full set, too close to claim on 300)."""
 SUMMARY_ENERGY = {"gc", "coordatt"}
 """Blocks whose summary map puts >= 1.5x the uniform share of its mass in the box (measured: the
 others' maps, CBAM's included, spread too much mass over the clutter; see the zoo table)."""
-GENUINE_SITE = {"cbam": "layer1.0.attn", "gc": "layer2.0.attn"}
-"""A genuine spatial map per block that beats the baseline on both scores."""
+GENUINE_SITE = {"gc": "layer2.0.attn"}
+"""A genuine spatial map per block that beats the baseline on both scores (CBAM's first gate
+points at the digit, 0.98, but spreads its mass: energy 0.24)."""
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +102,8 @@ def test_package_matches_its_card(block: str) -> None:
     assert training["epochs"] == zoo_epochs(block) and training["lr"] == ZOO_RECIPE.lr
     for key in ("batch_size", "optimizer", "split", "wall_time_s", "torch", "threads"):
         assert key in training
-    floor = MIN_ACCURACY_STN if block == "stn" else MIN_ACCURACY
-    assert card.metrics["samples"] == 1000 and card.metrics["accuracy"] >= floor
+    assert card.metrics["samples"] == 1000 and card.metrics["accuracy"] >= MIN_ACCURACY
+    assert card.metrics["grid"][UNSEEN.name]["accuracy"] >= MIN_UNSEEN_ACCURACY
 
 
 @pytest.mark.parametrize("block", ZOO_BLOCKS)
@@ -109,8 +111,7 @@ def test_package_reaches_its_recorded_accuracy(block: str, scores) -> None:
     recorded, measured = scores[block]
     assert measured["samples"] == SUBSET
     assert _close(measured["accuracy"], recorded["accuracy"])
-    floor = MIN_ACCURACY_STN if block == "stn" else MIN_ACCURACY
-    assert measured["accuracy"] >= floor - 0.03
+    assert measured["accuracy"] >= MIN_ACCURACY - 0.03
 
 
 @pytest.mark.parametrize("block", ZOO_BLOCKS)
