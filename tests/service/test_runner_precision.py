@@ -45,7 +45,13 @@ def test_bf16_autocast_keeps_top1_and_maps_on_real_digits(
     bf16 = ModelRunner(block, _zoo_model(block), device=CPU, autocast="bf16", trace=True)
     assert not bf16.traced  # bf16 runs eagerly under autocast
     want, got = fp32.forward(canvases, capture=True), bf16.forward(canvases, capture=True)
-    assert torch.equal(got.probs.argmax(1), want.probs.argmax(1))
+    assert (got.probs - want.probs).abs().max() < 0.05
+    # The top class is kept wherever it is clear; a near tie (digits-cbam has one at 0.452
+    # against 0.449 among these canvases) may go either way at bf16's precision.
+    top2 = want.probs.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.05
+    assert int(clear.sum()) >= len(canvases) - 2
+    assert torch.equal(got.probs.argmax(1)[clear], want.probs.argmax(1)[clear])
     assert got.probs.dtype == torch.float32
     assert all(r.tensor.dtype == torch.float32 for r in got.records)
     assert want.summary is not None and got.summary is not None
