@@ -37,8 +37,9 @@ V = TypeVar("V")
 
 class Pipeline:
     """Runs requests through hosted models, with the CPU work in `pool`. Work of at most
-    `inline_max_bytes` (an image of at most `INLINE_MAX_PIXELS`, a model-ready tensor, an
-    answer's size bound) runs on the event loop instead: the hand-off costs more (service.tuning).
+    `inline_max_bytes` (a request's only image, of at most `INLINE_MAX_PIXELS`; a model-ready
+    tensor; an answer's size bound) runs on the event loop instead: the hand-off costs more
+    (service.tuning).
     """
 
     def __init__(
@@ -140,7 +141,7 @@ class Pipeline:
         config = hosted.data_config
         several = len(images) > 1
         prepared = await gather_all(
-            self.prepare(data, [config], maps, f"image {i}" if several else "")
+            self.prepare(data, [config], maps, f"image {i}" if several else "", pool=several)
             for i, data in enumerate(images)
         )
         return await gather_all(self._submit(hosted, item) for (item,) in prepared)
@@ -166,18 +167,25 @@ class Pipeline:
         )
 
     async def prepare(
-        self, data: bytes, configs: list[DataConfig], maps: MapRequest, label: str = ""
+        self,
+        data: bytes,
+        configs: list[DataConfig],
+        maps: MapRequest,
+        label: str = "",
+        *,
+        pool: bool = False,
     ) -> list[Item]:
         """One image as an item per data config, decoded once: on the loop when it is small (one
-        that declares more pixels is refused there before decoding), else in the pool. Errors
-        name the image by `label` when a request has several."""
+        that declares more pixels is refused there before decoding), else in the pool, and
+        always there with `pool` (a request's several images, which the pool decodes side by
+        side). Errors name the image by `label` when a request has several."""
 
         def work(max_pixels: int) -> Callable[[], list[Item]]:
             return functools.partial(prepare_items, data, configs, maps, max_pixels=max_pixels)
 
         try:
             with stage("decode"):
-                if self._small(len(data)):
+                if not pool and self._small(len(data)):
                     with contextlib.suppress(PayloadTooLarge):
                         small = min(INLINE_MAX_PIXELS, self.max_image_pixels)
                         return await self.offload(work(small), inline=True)

@@ -128,9 +128,9 @@ class Settings(BaseSettings):
         default=64 * 1024,
         ge=0,
         le=16 * MIB,
-        description="Decode and encode on the event loop itself when the image (at most "
-        "256x256 pixels) or the answer's size bound is at most this many bytes; larger work "
-        "goes to the CPU pool. 0: always the pool (service.tuning).",
+        description="Decode and encode on the event loop itself when a request's only image "
+        "(at most 256x256 pixels) or the answer's size bound is at most this many bytes; other "
+        "work goes to the CPU pool. 0: always the pool (service.tuning).",
     )
     gc_freeze: bool = Field(
         default=True,

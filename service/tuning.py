@@ -5,10 +5,11 @@ otherwise unmaps each multi-megabyte activation buffer when it is freed, so ever
 faults its pages in again. Keeping them cut the server's CPU per request by more than 10 % at
 c=64 (docs/performance.md, "glibc malloc keeps freed activation buffers").
 
-`inline_max_bytes` (ATTNSERVE_INLINE_MAX_BYTES, 64 KiB by default): the pipeline decodes a small
-image and encodes a small answer on the event loop instead of handing them to a CPU pool thread,
-whose hand-off costs the loop more than such work does (docs/performance.md, "Small work on the
-event loop"). `INLINE_MAX_PIXELS` bounds the images it decodes there.
+`inline_max_bytes` (ATTNSERVE_INLINE_MAX_BYTES, 64 KiB by default): the pipeline decodes a
+request's only image when it is small, and encodes a small answer, on the event loop instead of
+handing them to a CPU pool thread, whose hand-off costs the loop more than such work does
+(docs/performance.md, "Small work on the event loop"). `INLINE_MAX_PIXELS` bounds the images it
+decodes there.
 
 `settle_gc` (ATTNSERVE_GC_FREEZE, on by default): once the models are loaded, the garbage
 collector stops walking the long-lived objects of torch, the models and the web stack on the

@@ -7,11 +7,13 @@ import asyncio
 import io
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from inprocess import serve
 from PIL import Image
 
 from models import DataConfig
@@ -21,6 +23,7 @@ from service.errors import ClientDisconnected, PayloadTooLarge
 from service.maps import MapRequest
 from service.observe import request_scope
 from service.pipeline import Pipeline, gather_all, prepare_items
+from service.settings import Settings
 
 
 class Receive:
@@ -137,6 +140,19 @@ class CountingPool(ThreadPoolExecutor):
         self.calls += 1
         return super().submit(fn, *args, **kwargs)
 
+    @staticmethod
+    def counting(pool: Any) -> Any:
+        """Count the work handed to an existing pool (its `submit` wrapped in place)."""
+        submit = pool.submit
+
+        def counted(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+            pool.calls += 1
+            return submit(fn, *args, **kwargs)
+
+        pool.calls = 0
+        pool.submit = counted
+        return pool
+
 
 CONFIG = DataConfig(input_size=(1, 64, 64), mean=(0.5,), std=(0.25,))
 MAPS = MapRequest("summary", 16)
@@ -213,3 +229,23 @@ async def test_the_pipeline_encodes_an_answer_on_the_loop_when_its_size_bound_is
         pipeline.check_budget([ResultCost(cells=10, answer_bytes=answer_bytes)], images=1)
         assert await pipeline.encode(str.upper, "answer") == "ANSWER"
     assert pool.calls == pool_calls
+
+
+async def test_a_requests_only_image_is_decoded_on_the_loop_and_several_in_the_pool(
+    model_repository: Path, digits: list[tuple[int, bytes]]
+) -> None:
+    """Through the real app: one small image skips the pool (its answer too); the several
+    images of one request are decoded side by side in the pool, not one after another on the
+    loop."""
+    settings = Settings(model_repository=model_repository, models=["tiny-se"])
+    async with serve(settings) as served:
+        pool = CountingPool.counting(served.services.pool)
+        url = "/v1/models/tiny-se/predict"
+        one = await served.client.post(url, files=[("images", digits[0][1])])
+        assert one.status_code == 200, one.text
+        assert pool.calls == 0
+        files = [("images", d) for _, d in digits[:2]]
+        two = await served.client.post(url, params={"maps": "none"}, files=files)
+        assert two.status_code == 200, two.text
+        assert len(two.json()["results"]) == 2
+        assert pool.calls == 2  # one decode each; the small answer is encoded on the loop
