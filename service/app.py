@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 
-from service.api import api_router
+from service.api import routers
 from service.api.handlers import ORJSONResponse, install_handlers
 from service.auth import AuthMiddleware, load_keys
 from service.device import resolve_device
@@ -94,7 +94,8 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
     app.state.services = services
     app.state.grpc = grpc
     install_handlers(app)
-    app.include_router(api_router)
+    for router in routers:
+        app.include_router(router)
     app.state.keys = load_keys(settings)  # None: authentication is off
     if app.state.keys is not None:
         app.add_middleware(AuthMiddleware, keys=app.state.keys, settings=settings)
