@@ -127,6 +127,19 @@ def region_corners(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (source + 1.0) * scale / 2.0
 
 
+def box_theta(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 2, 3) theta of the attention-restricted form that samples exactly each box
+    (x0, y0, x1, y1) in input pixels (edges): the inverse of `region_corners` for such a theta."""
+    boxes = boxes.to(torch.float32)
+    height, width = float(size[0]), float(size[1])
+    scale_x = (boxes[:, 2] - boxes[:, 0]) / width
+    scale_y = (boxes[:, 3] - boxes[:, 1]) / height
+    shift_x = (boxes[:, 0] + boxes[:, 2]) / width - 1.0
+    shift_y = (boxes[:, 1] + boxes[:, 3]) / height - 1.0
+    zero = torch.zeros_like(scale_x)
+    return torch.stack((scale_x, zero, shift_x, zero, scale_y, shift_y), dim=1).view(-1, 2, 3)
+
+
 def sampling_density(grid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W): the bilinear weights of every sampling point of `grid` (N, h, w, 2,
     normalised, align_corners=False) summed on the grid of the input `x` (N, C, H, W).

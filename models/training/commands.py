@@ -26,6 +26,8 @@ from models.package import load_package
 from models.registry import get_arch_spec
 from models.training.data import (
     HELDOUT_RECIPE,
+    Canvases,
+    ClutterRecipe,
     TrainingData,
     digits_training_data,
     heldout_canvases,
@@ -61,6 +63,23 @@ costs about a third: digits-stn trains three times the epochs in about the same 
 def zoo_epochs(block: str, epochs: int = ZOO_RECIPE.epochs) -> int:
     """The epochs of digits-<block> for a zoo of `epochs` epochs."""
     return epochs * STN_EPOCH_FACTOR if "stn" in block.split("+") else epochs
+
+
+ZOO_STN_TRAINING = {"stn_lr_scale": 0.3, "stn_box_loss": 10.0, "stn_box_scale": 0.85}
+"""How digits-stn's transformer trains: at 0.3x the learning rate, and pulled towards the digit
+box's central 85 % by an L1 loss on theta (10x; docs/models.md, "The spatial transformer")."""
+
+
+def zoo_config(block: str, epochs: int = ZOO_RECIPE.epochs) -> TrainConfig:
+    """The training recipe of digits-<block> for a zoo of `epochs` epochs."""
+    stn = ZOO_STN_TRAINING if "stn" in block.split("+") else {}
+    return replace(
+        ZOO_RECIPE,
+        attention=block,
+        epochs=zoo_epochs(block, epochs),
+        model_kwargs=zoo_model_kwargs(block),
+        **stn,
+    )
 
 
 def zoo_model_kwargs(block: str) -> dict[str, Any]:
@@ -144,6 +163,21 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         "--stn-output-size", type=int, nargs=2, metavar=("H", "W"), help="stn: sampled size"
     )
     parser.add_argument(
+        "--stn-lr-scale", type=float, default=d.stn_lr_scale, help="stn: x the learning rate"
+    )
+    parser.add_argument(
+        "--stn-box-loss",
+        type=float,
+        default=d.stn_box_loss,
+        help="stn: weight of the L1 loss between theta and the digit box (digits data only)",
+    )
+    parser.add_argument(
+        "--stn-box-scale",
+        type=float,
+        default=d.stn_box_scale,
+        help="stn: the box loss's target, the digit box scaled about its centre by this",
+    )
+    parser.add_argument(
         "--image-size", type=int, nargs=3, metavar=("C", "H", "W"), help="imagefolder input size"
     )
     parser.add_argument(
@@ -160,6 +194,13 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", type=Path, help="model package directory")
     parser.add_argument("--limit", type=int, help="evaluate on the first N held-out canvases")
+    parser.add_argument(
+        "--val-per-class",
+        type=int,
+        default=0,
+        help="digits: score on the validation carve of `train --val-per-class N` instead of the "
+        "held-out digits (what a recipe is chosen on)",
+    )
     _data_option(parser, "'digits' (the held-out canvases) or 'imagefolder PATH'")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _common(parser)
@@ -209,6 +250,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
+        stn_lr_scale=args.stn_lr_scale,
+        stn_box_loss=args.stn_box_loss,
+        stn_box_scale=args.stn_box_scale,
         model_kwargs=kwargs,
         max_batches=args.max_batches,
     )
@@ -225,10 +269,11 @@ def run_train(args: argparse.Namespace) -> int:
         metrics = {"dataset": "digits-heldout", **evaluate_model(result.model, heldout_canvases())}
         if args.val_per_class:  # what a recipe is chosen on: the held-out recipe, other digits
             val = validation_canvases(HELDOUT_RECIPE, args.val_per_class)
+            scores = evaluate_model(result.model, val)
             metrics["validation"] = {
                 "recipe": HELDOUT_RECIPE.name,
                 "samples": len(val),
-                "accuracy": round(accuracy(result.model, val.images[:, None], val.labels), 4),
+                **{k: scores[k] for k in ("accuracy", "summary", "region_iou") if k in scores},
             }
     elif data.validation is not None:
         acc = accuracy(result.model, *data.validation)
@@ -246,10 +291,19 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def _digit_metrics(model: Any, limit: int | None = None) -> dict[str, Any]:
-    """Scores on the held-out digits: the held-out recipe, and every recipe of the grid."""
-    heldout = evaluate_model(model, heldout_canvases().subset(limit))
-    return {"dataset": "digits-heldout", **heldout, "grid": evaluate_grid(model, limit=limit)}
+def _digit_metrics(model: Any, limit: int | None = None, val_per_class: int = 0) -> dict[str, Any]:
+    """Scores on the held-out digits (or, with `val_per_class`, on that validation carve of the
+    training digits): the held-out recipe, and every recipe of the grid."""
+    if not val_per_class:
+        heldout = evaluate_model(model, heldout_canvases().subset(limit))
+        return {"dataset": "digits-heldout", **heldout, "grid": evaluate_grid(model, limit=limit)}
+
+    def canvases(recipe: ClutterRecipe) -> Canvases:
+        return validation_canvases(recipe, val_per_class)
+
+    scores = evaluate_model(model, canvases(HELDOUT_RECIPE).subset(limit))
+    grid = evaluate_grid(model, limit=limit, canvases=canvases)
+    return {"dataset": f"digits-validation-{val_per_class}", **scores, "grid": grid}
 
 
 @_user_errors
@@ -266,7 +320,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "accuracy": accuracy(model, images, labels),
         }
     else:
-        metrics = _digit_metrics(model, args.limit)
+        metrics = _digit_metrics(model, args.limit, args.val_per_class)
     if args.json:
         print(json.dumps(metrics, indent=2))
     elif kind == "imagefolder":
@@ -282,12 +336,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def zoo_member(block: str, out: Path, epochs: int, threads: int, progress: bool) -> dict[str, Any]:
     """Train digits-<block> with the zoo recipe, score it on the held-out set and save it."""
     torch.set_num_threads(threads)
-    config = replace(
-        ZOO_RECIPE,
-        attention=block,
-        epochs=zoo_epochs(block, epochs),
-        model_kwargs=zoo_model_kwargs(block),
-    )
+    config = zoo_config(block, epochs)
     data = digits_training_data(config.seed)
     result = train_model(config, data, progress=progress)
     metrics = _digit_metrics(result.model)

@@ -279,7 +279,8 @@ class TrainingData:
     """What the trainer needs from a data source: per-epoch uint8 batches and their provenance.
 
     `epoch(e)` returns (images uint8 (N, C, H, W), labels int64 (N,)); `validation` is a fixed
-    set in the same form, or None.
+    set in the same form, or None. `boxes(e)`, where the source knows them, gives each epoch
+    image's object box (x0, y0, x1, y1) in pixels (N, 4), for a transformer's box loss.
     """
 
     name: str
@@ -288,6 +289,7 @@ class TrainingData:
     epoch: Callable[[int], tuple[np.ndarray, np.ndarray]]
     validation: tuple[np.ndarray, np.ndarray] | None
     provenance: dict[str, Any]
+    boxes: Callable[[int], np.ndarray] | None = None
 
 
 def digits_training_data(
@@ -307,9 +309,17 @@ def digits_training_data(
     if limit is not None:
         train = _take(train, np.arange(min(limit, len(train))))
 
+    latest: dict[int, Canvases] = {}  # the epoch last drawn: its images and boxes are read apart
+
+    def canvases(index: int) -> Canvases:
+        if index not in latest:
+            latest.clear()
+            latest[index] = epoch_canvases(train, seed, index)
+        return latest[index]
+
     def epoch(index: int) -> tuple[np.ndarray, np.ndarray]:
-        canvases = epoch_canvases(train, seed, index)
-        return canvases.images[:, None], canvases.labels
+        drawn = canvases(index)
+        return drawn.images[:, None], drawn.labels
 
     carve = (
         f", less the last {val_per_class} per class kept for validation" if val_per_class else ""
@@ -343,6 +353,7 @@ def digits_training_data(
         epoch=epoch,
         validation=validation,
         provenance=provenance,
+        boxes=lambda index: canvases(index).boxes,
     )
 
 

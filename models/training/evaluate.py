@@ -14,6 +14,7 @@ scores over the clutter recipes of the evaluation grid, which training never dra
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -142,16 +143,22 @@ def evaluate_model(model: nn.Module, canvases: Canvases, batch_size: int = 100) 
     return result
 
 
+def _heldout(recipe: ClutterRecipe) -> Canvases:
+    return heldout_canvases(recipe=recipe)
+
+
 def evaluate_grid(
     model: nn.Module,
     recipes: tuple[ClutterRecipe, ...] = GRID_RECIPES,
     limit: int | None = None,
+    canvases: Callable[[ClutterRecipe], Canvases] = _heldout,
 ) -> dict[str, dict[str, Any]]:
-    """Per recipe of the grid (held-out digits, `limit` canvases each): accuracy, the summary
-    map's pointing and energy, and the region IoU of a spatial transformer."""
+    """Per recipe of the grid (`limit` canvases each, of the held-out digits unless `canvases`
+    draws others): accuracy, the summary map's pointing and energy, and the region IoU of a
+    spatial transformer."""
     grid = {}
     for recipe in recipes:
-        metrics = evaluate_model(model, heldout_canvases(recipe=recipe).subset(limit))
+        metrics = evaluate_model(model, canvases(recipe).subset(limit))
         row = {"samples": metrics["samples"], "accuracy": metrics["accuracy"]}
         if metrics["summary"] is not None:
             row.update(metrics["summary"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models import ATTENTION_BLOCKS, capture_attention, create_model, list_models, list_sites
 from models.attention import SpatialTransformer, spatial_views, split_attention, summary_map
-from models.attention.stn import region_corners, sampling_density
+from models.attention.stn import box_theta, region_corners, sampling_density
 
 QUADRANTS = {  # (tx, ty) of a half-size crop -> (row slice, column slice) of a 16x24 input
     (-0.5, -0.5): (slice(0, 8), slice(0, 12)),
@@ -82,6 +82,19 @@ def test_region_corners_follow_theta() -> None:
             xs, ys = theta[n] @ torch.tensor([u, v, 1.0])
             expected = torch.stack(((xs + 1) * 24 / 2, (ys + 1) * 16 / 2))
             torch.testing.assert_close(corners[n, k], expected)
+
+
+def test_box_theta_samples_exactly_the_box() -> None:
+    boxes = torch.tensor([[0, 0, 24, 16], [3, 5, 11, 13], [10, 2, 22, 10]])
+    theta = box_theta(boxes, (16, 24))
+    corners = region_corners(theta, (16, 24))
+    x0, y0, x1, y1 = boxes.float().unbind(1)
+    expected = torch.stack([torch.stack(p, 1) for p in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], 1)
+    torch.testing.assert_close(corners, expected)
+    assert torch.equal(theta[0], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))  # the whole input
+    x = torch.arange(16 * 24, dtype=torch.float32).view(1, 1, 16, 24)
+    stn = _fixed(SpatialTransformer(1, output_size=(8, 8)), theta[1].flatten().tolist())
+    torch.testing.assert_close(stn(x), x[..., 5:13, 3:11])  # an 8x8 box at 8x8: its pixels
 
 
 def test_density_sums_to_the_output_size_and_stays_in_the_region() -> None:

@@ -63,26 +63,23 @@ async def served() -> AsyncIterator[Served]:
         yield running
 
 
-def _covered(region: np.ndarray, box: tuple[float, float, float, float]) -> float:
-    """Share of the box inside the region's axis-aligned extent (the zoo's transform is
-    scale and translation, so the region is that rectangle)."""
-    rx0, ry0 = region.min(0)
-    rx1, ry1 = region.max(0)
+def _iou(region: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """IoU of the region's axis-aligned extent with the box (the zoo's transform is scale and
+    translation, so the region is that rectangle)."""
+    (rx0, ry0), (rx1, ry1) = region.min(0), region.max(0)
     x0, y0, x1, y1 = box
-    width = max(0.0, min(rx1, x1) - max(rx0, x0))
-    height = max(0.0, min(ry1, y1) - max(ry0, y0))
-    return width * height / ((x1 - x0) * (y1 - y0))
+    inter = max(0.0, min(rx1, x1) - max(rx0, x0)) * max(0.0, min(ry1, y1) - max(ry0, y0))
+    union = (rx1 - rx0) * (ry1 - ry0) + (x1 - x0) * (y1 - y0) - inter
+    return inter / union
 
 
 def _check_covers(region: np.ndarray, box: tuple[float, float, float, float]) -> None:
-    """The digit's centre lies in the region, which holds most of the digit's box.
-
-    digits-stn's region is close to one centred zoom for every canvas (scale 0.81, see
-    docs/models.md), so on this example it holds 71 % of the box, not all of it."""
+    """The digit's centre lies in the region, and the region overlaps the digit's box with an
+    IoU of at least 0.5 (digits-stn is trained towards the box's central 85 %: IoU 0.72)."""
     (rx0, ry0), (rx1, ry1) = region.min(0), region.max(0)
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     assert rx0 < cx < rx1 and ry0 < cy < ry1, (region, box)
-    assert _covered(region, box) >= 0.6, (region, box)
+    assert _iou(region, box) >= 0.5, (region, box)
 
 
 @module_loop
@@ -101,8 +98,9 @@ async def test_the_region_on_the_original_image_covers_the_digit(served: Served)
     region = np.array(layers[("stn", "region")]["data"])
     assert region.shape == (4, 2)
     _check_covers(region, box)
-    # the region is on the photo: the corners lie inside it, and not on the 64x64 input grid
-    assert region[:, 0].max() > 64
+    # the region is on the photo (the box above is in its pixels), inside its bounds
+    assert (region >= 0).all() and (region[:, 0] <= 64 * SCALE + 2 * PAD).all()
+    assert (region[:, 1] <= 96).all()
     # the crop is an image: a grey PNG of the transformer's output size
     crop = layers[("stn", "crop")]
     picture = Image.open(io.BytesIO(base64.b64decode(crop["png"])))
