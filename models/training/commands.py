@@ -294,16 +294,16 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
 def _digit_metrics(model: Any, limit: int | None = None, val_per_class: int = 0) -> dict[str, Any]:
     """Scores on the held-out digits (or, with `val_per_class`, on that validation carve of the
     training digits): the held-out recipe, and every recipe of the grid."""
-    if not val_per_class:
-        heldout = evaluate_model(model, heldout_canvases().subset(limit))
-        return {"dataset": "digits-heldout", **heldout, "grid": evaluate_grid(model, limit=limit)}
 
     def canvases(recipe: ClutterRecipe) -> Canvases:
-        return validation_canvases(recipe, val_per_class)
+        if val_per_class:
+            return validation_canvases(recipe, val_per_class)
+        return heldout_canvases(recipe=recipe)
 
+    dataset = f"digits-validation-{val_per_class}" if val_per_class else "digits-heldout"
     scores = evaluate_model(model, canvases(HELDOUT_RECIPE).subset(limit))
     grid = evaluate_grid(model, limit=limit, canvases=canvases)
-    return {"dataset": f"digits-validation-{val_per_class}", **scores, "grid": grid}
+    return {"dataset": dataset, **scores, "grid": grid}
 
 
 @_user_errors
