@@ -19,6 +19,7 @@ from models.training import data as d
 from models.training.commands import register
 from models.training.evaluate import box_masks, evaluate_model, localization, region_iou
 from models.training.imagefolder import find_images, imagefolder_training_data
+from models.training.oracle import box_crops, oracle_data
 from models.training.train import TrainConfig, save_trained, to_input, train_model
 
 
@@ -359,3 +360,28 @@ def test_region_iou() -> None:
     assert iou[1] == pytest.approx(1 / 3, abs=1e-3)
     # inscribed, half the box's area (its edges run through sample points, counted inside)
     assert iou[2] == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_oracle_sees_exactly_the_digit_box(digits: d.Digits) -> None:
+    _, test = d.split_digits(digits)
+    rng = np.random.default_rng(11)
+    for index, scale in ((0, 1.0), (500, 1.0), (999, 1.2)):
+        recipe = d.ClutterRecipe(pieces=0, digit_scale=scale)
+        canvas, box = d.render_canvas(test, index, rng, recipe)
+        crop = box_crops(d.Canvases(canvas[None], test.labels[[index]], np.array([box])))
+        assert crop.shape == (1, 1, 28, 28)
+        if scale == 1.0:
+            np.testing.assert_array_equal(crop[0, 0], test.images[index])
+        else:  # 34 px resized back to 28: the same digit up to interpolation
+            error = np.abs(crop[0, 0].astype(float) - test.images[index]).mean()
+            assert error < 10, error
+    data = oracle_data(seed=5, limit=100)
+    source = d.digits_training_data(seed=5, limit=100)
+    crops, labels = data.epoch(0)
+    images, _ = source.epoch(0)
+    expected = box_crops(d.Canvases(images[:, 0], labels, source.boxes(0)))
+    np.testing.assert_array_equal(crops, expected)
+    assert data.input_size == (1, 28, 28)
+    config = TrainConfig(epochs=1, batch_size=50, model_kwargs={"depths": [1, 1, 1]})
+    model = train_model(config, data, progress=False).model
+    assert model(to_input(crops[:4], model.data_config)).shape == (4, 10)
