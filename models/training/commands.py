@@ -26,11 +26,10 @@ from models.package import load_package
 from models.registry import get_arch_spec
 from models.training.data import (
     HELDOUT_RECIPE,
-    Canvases,
-    ClutterRecipe,
     TrainingData,
     digits_training_data,
     heldout_canvases,
+    scoring_canvases,
     validation_canvases,
 )
 from models.training.evaluate import evaluate_grid, evaluate_model, format_grid, format_table
@@ -294,12 +293,7 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
 def _digit_metrics(model: Any, limit: int | None = None, val_per_class: int = 0) -> dict[str, Any]:
     """Scores on the held-out digits (or, with `val_per_class`, on that validation carve of the
     training digits): the held-out recipe, and every recipe of the grid."""
-
-    def canvases(recipe: ClutterRecipe) -> Canvases:
-        if val_per_class:
-            return validation_canvases(recipe, val_per_class)
-        return heldout_canvases(recipe=recipe)
-
+    canvases = functools.partial(scoring_canvases, val_per_class=val_per_class)
     dataset = f"digits-validation-{val_per_class}" if val_per_class else "digits-heldout"
     scores = evaluate_model(model, canvases(HELDOUT_RECIPE).subset(limit))
     grid = evaluate_grid(model, limit=limit, canvases=canvases)

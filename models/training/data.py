@@ -269,6 +269,14 @@ def validation_canvases(
     return make_canvases(val, np.random.default_rng(seed), recipe=recipe)
 
 
+def scoring_canvases(recipe: ClutterRecipe, val_per_class: int = 0) -> Canvases:
+    """The canvases a model is scored on: the held-out digits, or with `val_per_class` that
+    validation carve of the training digits (where a recipe is chosen)."""
+    if val_per_class:
+        return validation_canvases(recipe, val_per_class)
+    return heldout_canvases(recipe=recipe)
+
+
 def box_fraction() -> float:
     """Uniform-map baseline for pointing and energy: digit box area over canvas area."""
     return DIGIT_SIZE * DIGIT_SIZE / (CANVAS_SIZE * CANVAS_SIZE)

@@ -28,8 +28,7 @@ from models.training.data import (
     ClutterRecipe,
     TrainingData,
     digits_training_data,
-    heldout_canvases,
-    validation_canvases,
+    scoring_canvases,
 )
 from models.training.train import accuracy, train_model
 
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = {}
     clean = ClutterRecipe(pieces=0)
     for recipe in (clean, HELDOUT_RECIPE, *GRID_RECIPES):
-        if args.val_per_class:
-            canvases = validation_canvases(recipe, args.val_per_class)
-        else:
-            canvases = heldout_canvases(recipe=recipe)
+        canvases = scoring_canvases(recipe, args.val_per_class)
         name = "clean" if recipe == clean else recipe.name
         scores[name] = round(accuracy(result.model, box_crops(canvases), canvases.labels), 4)
     wall = round(result.wall_time_s)
